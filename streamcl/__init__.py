@@ -1,0 +1,8 @@
+"""streamcl: an event-sourced streaming online continual learner.
+
+Data flows one way: message -> batch -> trainer -> strategy -> snapshot/registry -> metrics.
+This package's learning core (``streamcl.trainer``, ``streamcl.strategies``, ``streamcl.drift``)
+knows nothing of Kafka; the streaming service drives it one micro-batch at a time.
+"""
+
+__version__ = "0.1.0"

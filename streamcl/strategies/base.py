@@ -1,0 +1,100 @@
+"""What every strategy is: one training step on a micro-batch, plus experience-boundary hooks.
+
+A strategy sees only what a live stream has: the current batch, the current experience id and
+boundary events. It never needs the list of future classes or experiences.
+
+The contract of :meth:`Strategy.observe` is narrow on purpose: train on ``(x, y)`` with one
+optimizer step and return the batch's logits *from the forward pass made before that step*.
+The trainer turns those logits into the batch's prequential predictions, so a strategy's own
+training forward doubles as the test-then-train prediction at no extra cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from streamcl.models import Classifier
+from streamcl.state import set_rng_state
+
+
+class Strategy:
+    """Base class: holds the model, the optimizer and the strategy's own random generator."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, model: Classifier, optimizer: torch.optim.Optimizer,
+                 generator: torch.Generator) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.generator = generator
+        self.experience = 0
+
+    # -- the step ---------------------------------------------------------------------------
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Train on one batch (``y`` are head indices); return its pre-update logits, detached."""
+        raise NotImplementedError
+
+    # -- stream events ----------------------------------------------------------------------
+    def on_experience_end(self) -> None:
+        """The current experience just ended (called before ``experience`` is incremented)."""
+
+    def on_head_grown(self, n_old: int, n_new: int) -> None:
+        """The head went from ``n_old`` to ``n_new`` rows (the optimizer is already re-pointed)."""
+
+    # -- state ------------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        """Strategy-specific state (buffers, importances...); tensors and JSON values only."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "experience": self.experience,
+                "generator": self.generator.get_state(), **self.extra_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["name"] != self.name:
+            raise ValueError(f"state is for strategy {state['name']!r}, not {self.name!r}")
+        self.experience = state["experience"]
+        set_rng_state(self.generator, state["generator"])
+        self.load_extra_state(state)
+
+    # -- helpers shared by several strategies ------------------------------------------------
+    def sgd_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+
+def flat_grad(params: list[nn.Parameter]) -> torch.Tensor:
+    """All gradients as one vector (zeros where a parameter got none)."""
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params])
+
+
+def set_flat_grad(params: list[nn.Parameter], vector: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = vector[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def pad_rows(t: torch.Tensor, n_rows: int, value: float = 0.0) -> torch.Tensor:
+    """``t`` with extra rows appended (along dim 0) up to ``n_rows``."""
+    extra = n_rows - t.shape[0]
+    if extra <= 0:
+        return t
+    return torch.cat([t, t.new_full((extra, *t.shape[1:]), value)])
+
+
+def pad_cols(t: torch.Tensor, n_cols: int, value: float = 0.0) -> torch.Tensor:
+    """``t`` (2-D) with extra columns appended up to ``n_cols``."""
+    extra = n_cols - t.shape[1]
+    if extra <= 0:
+        return t
+    return torch.cat([t, t.new_full((t.shape[0], extra), value)], dim=1)

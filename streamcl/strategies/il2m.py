@@ -1,0 +1,164 @@
+"""IL2M: Class-Incremental Learning with Dual Memory, Belouadah & Popescu, ICCV 2019.
+
+Replay from a class-balanced memory biases a network towards the newest classes. IL2M's second
+memory is a handful of statistics that undo that bias at inference time:
+
+* ``init_mean[c]`` — the mean score of class ``c`` on its samples, at the end of the
+  experience where ``c`` was learned;
+* ``current_mean[c]`` — the same, measured again at the end of every later experience;
+* ``confidence[e]`` — the model's mean top score on experience ``e``'s new classes, at its end.
+
+When the top prediction is a new class, each old class ``c`` (learned in experience ``e_c``)
+gets its score rectified: ``s_c <- s_c * init_mean[c] / current_mean[c] * confidence[last] /
+confidence[e_c]``. Scores are softmax probabilities, as in the paper.
+
+Stream-specific choices, fixing the reference implementation:
+
+* The class-to-experience history is the model's own (``class_exp``), kept in the rectifier,
+  never read from whatever data happens to be evaluated — so the rectified prediction of a
+  sample is the same whichever test set it sits in.
+* The rectifier is a submodule of the model (``model.rectifier``): it is in the saved weights,
+  so a published IL2M model predicts rectified classes.
+* A class is registered to the experience in which it was seen enough (at least a quarter of the
+  average per-class count of that experience): a drift detector fires a few batches after a
+  switch, and the first samples of new classes must not make them "old" already.
+* Statistics are measured on the balanced memory (the samples a live stream still has).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamcl.strategies.base import Strategy, pad_rows
+from streamcl.strategies.buffer import BalancedBuffer
+
+
+class IL2MRectifier(nn.Module):
+    """Score rectification as a module: logits in, rectified softmax scores out.
+
+    >>> r = IL2MRectifier()
+    >>> r.grow(2)
+    >>> r.register(0, [0], init_mean={0: 0.9}, confidence=0.8)
+    >>> r.register(1, [1], init_mean={1: 0.9}, confidence=0.9, current_mean={0: 0.3})
+    >>> logits = torch.log(torch.tensor([[0.4, 0.6]]))   # raw model prefers the new class 1
+    >>> r(logits).argmax(1).item()                        # 0.4 * 0.9/0.3 * 0.9/0.8 = 1.35 > 0.6
+    0
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("class_exp", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("init_mean", torch.zeros(0))
+        self.register_buffer("current_mean", torch.zeros(0))
+        self.register_buffer("confidence", torch.zeros(0))
+        self.register_buffer("last_exp", torch.tensor(-1))
+
+    def grow(self, n_classes: int) -> None:
+        self.class_exp = pad_rows(self.class_exp, n_classes, -1)
+        self.init_mean = pad_rows(self.init_mean, n_classes, 1.0)
+        self.current_mean = pad_rows(self.current_mean, n_classes, 1.0)
+
+    def register(self, exp: int, new_classes: list[int], init_mean: dict[int, float],
+                 confidence: float, current_mean: dict[int, float] | None = None) -> None:
+        """Record experience ``exp``'s end: its new classes and the statistics measured then."""
+        for c in new_classes:
+            self.class_exp[c] = exp
+            self.init_mean[c] = init_mean[c]
+            self.current_mean[c] = init_mean[c]
+        for c, v in (current_mean or {}).items():
+            self.current_mean[c] = v
+        self.confidence = pad_rows(self.confidence, exp + 1, 1.0)
+        self.confidence[exp] = confidence
+        self.last_exp = torch.tensor(exp)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        scores = F.softmax(logits, dim=1)
+        n, last = logits.shape[1], int(self.last_exp)
+        if last < 0 or n == 0:
+            return scores
+        ce = self.class_exp[:n]
+        old = (ce >= 0) & (ce < last)
+        if not bool(old.any()):
+            return scores
+        factor = (self.init_mean[:n] / self.current_mean[:n].clamp_min(1e-12)) * (
+            self.confidence[last] / self.confidence[ce.clamp_min(0)].clamp_min(1e-12))
+        factor = torch.where(old, factor, torch.ones_like(factor))
+        new_top = ~old[scores.argmax(1)]
+        return torch.where(new_top.unsqueeze(1), scores * factor, scores)
+
+
+class IL2M(Strategy):
+    name = "il2m"
+
+    def __init__(self, model, optimizer, generator, *, mem_size: int = 2000,
+                 batch_size_mem: int = 32) -> None:
+        super().__init__(model, optimizer, generator)
+        self.batch_size_mem = batch_size_mem
+        self.memory = BalancedBuffer(mem_size, generator)
+        if model.rectifier is None:
+            model.rectifier = IL2MRectifier()
+            model.rectifier.grow(model.n_classes)
+        self.counts: dict[int, int] = {}  # samples per class in the current experience
+
+    @property
+    def rectifier(self) -> IL2MRectifier:
+        return self.model.rectifier  # type: ignore[return-value]
+
+    def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        n = len(x)
+        if len(self.memory):
+            mem = self.memory.sample(self.batch_size_mem)
+            out = self.model(torch.cat([x, mem["x"]]))
+            loss = F.cross_entropy(out, torch.cat([y, mem["y"]]))
+        else:
+            out = self.model(x)
+            loss = F.cross_entropy(out, y)
+        self.sgd_step(loss)
+        self.memory.add(y, x=x, y=y)
+        for c, k in zip(*torch.unique(y, return_counts=True), strict=True):
+            self.counts[int(c)] = self.counts.get(int(c), 0) + int(k)
+        return out[:n].detach()
+
+    def on_head_grown(self, n_old: int, n_new: int) -> None:
+        self.rectifier.grow(n_new)
+
+    @torch.no_grad()
+    def on_experience_end(self) -> None:
+        registered = self.rectifier.class_exp
+        unregistered = {c: k for c, k in self.counts.items() if int(registered[c]) < 0}
+        self.counts = {}
+        if not unregistered or not len(self.memory):
+            return
+        enough = sum(unregistered.values()) / len(unregistered) / 4
+        new = sorted(c for c, k in unregistered.items() if k >= enough)
+        old = [c for c in range(len(registered)) if int(registered[c]) >= 0]
+        was_training = self.model.training
+        self.model.eval()
+        init_mean, current_mean, top = {}, {}, []
+        for c in new + old:
+            rows = self.memory.group_rows(c)
+            if not len(rows):
+                continue
+            scores = F.softmax(self.model(self.memory.get(rows)["x"]), dim=1)
+            if c in new:
+                init_mean[c] = float(scores[:, c].mean())
+                top.append(scores.max(1).values)
+            else:
+                current_mean[c] = float(scores[:, c].mean())
+        self.model.train(was_training)
+        new = [c for c in new if c in init_mean]
+        if new:
+            confidence = float(torch.cat(top).mean())
+            self.rectifier.register(self.experience, new, init_mean, confidence, current_mean)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"memory": self.memory.state_dict(),
+                "counts": {str(k): v for k, v in self.counts.items()}}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state["memory"])
+        self.counts = {int(k): v for k, v in state["counts"].items()}

@@ -1,0 +1,317 @@
+"""The online trainer: prequential (test-then-train) learning on one micro-batch at a time.
+
+One step has three phases, kept apart so the streaming service can journal the decision
+before it takes effect:
+
+1. :meth:`OnlineTrainer.plan` — the step's one decision, from the batch's labels and task
+   value and the trainer's state alone: where it sits in the stream, whether an experience
+   boundary opens before it (and why), which never-seen labels it brings.
+2. :meth:`OnlineTrainer.end_experience` — if the plan has a boundary: the strategy closes the
+   finished experience (A-GEM files its memory, MAS measures importance, IL2M its statistics).
+3. :meth:`OnlineTrainer.learn` — grow the head for new labels, predict the batch with the
+   model as it is (those predictions are the prequential record), then let the strategy train
+   on it, and feed the batch's error to the drift detector.
+
+:meth:`OnlineTrainer.step` runs all three. Labels are arbitrary integers, mapped to head rows in
+order of first appearance; predictions come back as labels (``-1`` before any label is known).
+
+>>> import torch
+>>> trainer = OnlineTrainer(TrainerConfig(input_shape=(4,), hidden=(8,), boundaries="new-class"))
+>>> r = trainer.step(torch.zeros(2, 4), torch.tensor([7, 7]))
+>>> r.predictions.tolist(), trainer.labels, trainer.model.n_classes
+([-1, -1], [7], 1)
+>>> r = trainer.step(torch.ones(2, 4), torch.tensor([3, 7]))
+>>> r.boundary.trigger, r.boundary.index, trainer.labels
+('new-class', 2, [7, 3])
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamcl.drift.boundaries import Boundary, BoundaryPolicy
+from streamcl.models import Classifier, build_model, train_forward_predicts
+from streamcl.state import set_rng_state
+from streamcl.strategies import Strategy, make_strategy, resolved_params
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class TrainerConfig:
+    """Everything needed to rebuild a trainer; JSON-serialisable, stored in every state."""
+
+    input_shape: tuple[int, ...]
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (256, 256)
+    strategy: str = "naive"
+    params: dict[str, Any] = field(default_factory=dict)
+    lr: float = 0.05
+    momentum: float = 0.0
+    boundaries: str = "drift"
+    detector: str = "adwin"
+    detector_params: dict[str, Any] = field(default_factory=dict)
+    min_length: int = 0
+    cooldown: int = 0
+    monitor: str = "error"
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["input_shape"], out["hidden"] = list(self.input_shape), list(self.hidden)
+        out["params"] = resolved_params(self.strategy, self.params)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainerConfig:
+        data = dict(data)
+        data["input_shape"], data["hidden"] = tuple(data["input_shape"]), tuple(data["hidden"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A step's decision, made before any compute on the batch (journal-able as JSON)."""
+
+    position: int                 # stream index of the batch's first sample
+    size: int
+    boundary: Boundary | None     # an experience that opens before this batch
+    new_labels: tuple[int, ...]   # never-seen labels, in order of first appearance
+
+    def to_json(self) -> dict[str, Any]:
+        return {"position": self.position, "size": self.size, "new_labels": list(self.new_labels),
+                "boundary": self.boundary.to_json() if self.boundary else None}
+
+
+@dataclass
+class StepResult:
+    plan: Plan
+    predictions: torch.Tensor     # predicted labels, -1 where no label was known yet
+    correct: int
+    loss: float                   # mean prequential cross-entropy of the batch
+
+    @property
+    def boundary(self) -> Boundary | None:
+        return self.plan.boundary
+
+
+class OnlineTrainer:
+    """Model + optimizer + strategy + boundary policy, driven one batch at a time."""
+
+    def __init__(self, config: TrainerConfig,
+                 optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+                 | None = None) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        seeds = torch.Generator().manual_seed(config.seed)
+        # one generator per consumer, so adding a draw in one place never shifts another's
+        model_gen, strategy_gen = (torch.Generator().manual_seed(int(s))
+                                   for s in torch.randint(0, 2**62, (2,), generator=seeds))
+        self.generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,),
+                                                                         generator=seeds)))
+        self.model: Classifier = build_model(config.model, config.input_shape, config.hidden,
+                                             model_gen).to(self.device)
+        params = list(self.model.parameters())
+        self.optimizer = (optimizer_factory(params) if optimizer_factory else
+                          torch.optim.SGD(params, lr=config.lr, momentum=config.momentum))
+        self.strategy: Strategy = make_strategy(config.strategy, self.model, self.optimizer,
+                                                strategy_gen, config.params)
+        self.policy = BoundaryPolicy.from_spec(
+            config.boundaries, detector=config.detector, detector_params=config.detector_params,
+            min_length=config.min_length, cooldown=config.cooldown, monitor=config.monitor)
+        self.shared_forward = train_forward_predicts(self.model)
+        self.labels: list[int] = []
+        self.index: dict[int, int] = {}
+        self.position = 0
+        self.steps = 0
+        self.boundaries: list[Boundary] = []
+        self.correct = 0
+        self.loss_sum = 0.0
+
+    # -- the step ---------------------------------------------------------------------------
+    def plan(self, y: torch.Tensor, task: torch.Tensor | int | None = None) -> Plan:
+        """Decide the step for a batch with labels ``y`` (and the producer's task value)."""
+        y_list = y.tolist()
+        new = tuple(v for v in dict.fromkeys(y_list) if v not in self.index)
+        if isinstance(task, torch.Tensor):
+            task = int(task.reshape(-1)[0]) if task.numel() else None
+        boundary = self.policy.decide(self.position, batch_size=len(y_list),
+                                      new_labels=bool(new), task=task)
+        return Plan(self.position, len(y_list), boundary, new)
+
+    def end_experience(self, boundary: Boundary) -> None:
+        """Close the current experience; the next batch belongs to ``boundary.experience``."""
+        self.strategy.on_experience_end()
+        self.strategy.experience = boundary.experience
+        self.boundaries.append(boundary)
+
+    def learn(self, x: torch.Tensor, y: torch.Tensor, plan: Plan) -> StepResult:
+        """Predict the batch, then train on it (the plan's boundary must already be applied)."""
+        if plan.position != self.position:
+            raise ValueError(f"plan is for stream position {plan.position}, "
+                             f"trainer is at {self.position}")
+        n_known = self.model.n_classes
+        if plan.new_labels:
+            self._add_labels(plan.new_labels)
+        x = prepare_inputs(x, self.device)
+        yi = torch.tensor([self.index[v] for v in y.tolist()], dtype=torch.long,
+                          device=self.device)
+        if not self.shared_forward:
+            scores = self._predict_scores(x, n_known)
+        logits = self.strategy.observe(x, yi)
+        if self.shared_forward:
+            scores = self.model.rectify(logits[:, :n_known]) if n_known else None
+        pred = (scores.argmax(1) if n_known else
+                torch.full((len(yi),), -1, dtype=torch.long, device=self.device))
+        correct = int((pred == yi).sum())
+        loss = float(F.cross_entropy(logits, yi))
+        size = len(yi)
+        self.policy.observe(self.position, size, 1.0 - correct / size, loss)
+        self.position += size
+        self.steps += 1
+        self.correct += correct
+        self.loss_sum += loss * size
+        return StepResult(plan, self._to_labels(pred), correct, loss)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor,
+             task: torch.Tensor | int | None = None) -> StepResult:
+        plan = self.plan(y, task)
+        if plan.boundary is not None:
+            self.end_experience(plan.boundary)
+        return self.learn(x, y, plan)
+
+    # -- inference --------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+        """Predicted labels through the model's inference path (rectified where it applies)."""
+        out = [self._predict_scores(prepare_inputs(x[i:i + batch_size], self.device),
+                                    self.model.n_classes)
+               for i in range(0, len(x), batch_size)]
+        if not self.model.n_classes:
+            return torch.full((len(x),), -1, dtype=torch.long)
+        return self._to_labels(torch.cat(out).argmax(1)).cpu()
+
+    @torch.no_grad()
+    def _predict_scores(self, x: torch.Tensor, n_classes: int) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        scores = self.model.rectify(self.model(x)[:, :n_classes])
+        self.model.train(was_training)
+        return scores
+
+    def _to_labels(self, pred: torch.Tensor) -> torch.Tensor:
+        table = torch.tensor([*self.labels, -1], dtype=torch.long, device=pred.device)
+        return table[pred]  # index -1 picks the trailing -1
+
+    # -- head growth ------------------------------------------------------------------------
+    def _add_labels(self, new: tuple[int, ...]) -> None:
+        for v in new:
+            self.index[v] = len(self.labels)
+            self.labels.append(v)
+        self._grow_to(len(self.labels))
+
+    def _grow_to(self, n: int) -> None:
+        n_old = self.model.n_classes
+        if n <= n_old:
+            return
+        old = (self.model.head.weight, self.model.head.bias)
+        self.model.grow(n - n_old, self.generator)
+        for p_old, p_new in zip(old, (self.model.head.weight, self.model.head.bias), strict=True):
+            replace_parameter(self.optimizer, p_old, p_new)
+        self.strategy.on_head_grown(n_old, n)
+
+    # -- state ------------------------------------------------------------------------------
+    @property
+    def prequential_accuracy(self) -> float:
+        return self.correct / self.position if self.position else math.nan
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "config": self.config.to_json(),
+            "labels": list(self.labels),
+            "position": self.position,
+            "steps": self.steps,
+            "correct": self.correct,
+            "loss_sum": self.loss_sum,
+            "boundaries": [b.to_json() for b in self.boundaries],
+            "generator": self.generator.get_state(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "policy": self.policy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"unsupported state format {state.get('format')!r}")
+        mine = self.config.to_json()
+        if state["config"] != mine:
+            diff = sorted(k for k in mine if state["config"].get(k) != mine[k])
+            raise ValueError(f"state was made with a different configuration ({', '.join(diff)})")
+        self._add_labels(tuple(state["labels"][len(self.labels):]))
+        load_module_state(self.model, state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.strategy.load_state_dict(state["strategy"])
+        self.policy.load_state_dict(state["policy"])
+        set_rng_state(self.generator, state["generator"])
+        self.position, self.steps = state["position"], state["steps"]
+        self.correct, self.loss_sum = state["correct"], state["loss_sum"]
+        self.boundaries = [Boundary(**b) for b in state["boundaries"]]
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> OnlineTrainer:
+        trainer = cls(TrainerConfig.from_json(state["config"]))
+        trainer.load_state_dict(state)
+        return trainer
+
+
+def prepare_inputs(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Inputs as float32 on ``device``; uint8 is read as image bytes and scaled to [0, 1]."""
+    if x.dtype == torch.uint8:
+        return x.to(device).float().div_(255.0)
+    return x.to(device, torch.float32)
+
+
+def replace_parameter(optimizer: torch.optim.Optimizer, old: nn.Parameter,
+                      new: nn.Parameter) -> None:
+    """Point ``optimizer`` at ``new`` instead of ``old``, keeping (row-padded) per-parameter state.
+
+    Used when the head grows: momentum or Adam moments of the existing rows carry over, the new
+    rows start from zero state.
+    """
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    if old in optimizer.state:
+        state = optimizer.state.pop(old)
+        optimizer.state[new] = {
+            k: (torch.cat([v, v.new_zeros((new.shape[0] - v.shape[0], *v.shape[1:]))])
+                if isinstance(v, torch.Tensor) and v.shape == old.shape and v.dim() else v)
+            for k, v in state.items()}
+
+
+def load_module_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load parameters in place (shapes must match) and assign buffers (their shapes may
+    differ: a rectifier's per-experience statistics grow with the stream)."""
+    params = dict(module.named_parameters())
+    buffers = {name for name, _ in module.named_buffers()}
+    missing = (set(params) | buffers) - set(state)
+    if missing:
+        raise ValueError(f"model state lacks {sorted(missing)}")
+    with torch.no_grad():
+        for name, value in state.items():
+            if name in params:
+                params[name].copy_(value)
+            elif name in buffers:
+                owner, _, leaf = name.rpartition(".")
+                setattr(module.get_submodule(owner), leaf, value.clone())
+            else:
+                raise ValueError(f"model state has unknown entry {name!r}")
