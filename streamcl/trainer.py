@@ -171,10 +171,13 @@ class OnlineTrainer:
             scores = self.model.rectify(logits[:, :n_known]) if n_known else None
         pred = (scores.argmax(1) if n_known else
                 torch.full((len(yi),), -1, dtype=torch.long, device=self.device))
-        correct = int((pred == yi).sum())
-        loss = float(F.cross_entropy(logits, yi))
+        hit = pred == yi
+        correct = int(hit.sum())
+        losses = F.cross_entropy(logits, yi, reduction="none")
+        loss = float(losses.mean())
         size = len(yi)
-        self.policy.observe(self.position, size, 1.0 - correct / size, loss)
+        self.policy.observe(self.position, (losses if self.policy.wants_losses else
+                                            (~hit).float()).tolist())
         self.position += size
         self.steps += 1
         self.correct += correct

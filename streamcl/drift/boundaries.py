@@ -2,8 +2,7 @@
 
 A live stream never says "task 3 starts now", so boundaries are inferred. Triggers:
 
-* ``drift``: a drift detector watching the prequential error rate (or loss) of each batch
-  flags an *increase* — the model got worse, the world changed. A detected *decrease* is the
+* ``drift``: a drift detector watching the prequential errors (or losses) flags an *increase* — the model got worse, the world changed. A detected *decrease* is the
   model learning, not a new experience, and is ignored.
 * ``new-class``: a batch carries a label never seen before.
 * ``task``: the producer's explicit ``task`` value changed (oracle mode).
@@ -36,14 +35,12 @@ from streamcl.drift.base import DriftDetector
 
 TRIGGERS = ("drift", "new-class", "task", "every")
 
-# Detector defaults for *per-batch* observations. River's defaults assume one observation per
-# sample (ADWIN checks for a cut every clock=32 updates, i.e. every 1,024 samples at batch 32).
-BATCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "adwin": {"clock": 1},
-    "page-hinkley": {"min_instances": 10, "threshold": 1.0, "delta": 0.005, "mode": "up"},
-    "ddm": {"warm_start": 10},
-    "kswin": {"window_size": 60, "stat_size": 20, "seed": 0},
-}
+# ADWIN, DDM and Page-Hinkley are built for one observation per sample (DDM for 0/1 errors), and
+# their bounds count observations: fed per-batch means, ADWIN misses the few-batch error burst
+# a class-incremental switch causes. KSWIN runs a two-sample KS test on every update
+# (~0.3 ms), so it watches one value per batch instead.
+PER_BATCH_DETECTORS = frozenset({"kswin"})
+DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"kswin": {"seed": 0}}
 
 
 @dataclass(frozen=True)
@@ -80,7 +77,7 @@ class BoundaryPolicy:
         self.cooldown = cooldown
         self.monitor = monitor
         self.detector_name = detector
-        self.detector_params = {**BATCH_DEFAULTS.get(detector, {}), **(detector_params or {})}
+        self.detector_params = {**DEFAULT_PARAMS.get(detector, {}), **(detector_params or {})}
         self.detector: DriftDetector | None = (
             make_detector(detector, **self.detector_params) if "drift" in triggers else None)
         self.experience = 0
@@ -130,13 +127,24 @@ class BoundaryPolicy:
             self.detector.reset()
         return Boundary(position, trigger, self.experience, stat)
 
-    def observe(self, position: int, batch_size: int, error_rate: float, loss: float) -> None:
-        """Feed the detector the prequential result of the batch at ``position``."""
-        if self.detector is None or position - self.start < self.cooldown:
+    @property
+    def wants_losses(self) -> bool:
+        """Whether :meth:`observe` needs per-sample losses (else 0/1 errors will do)."""
+        return self.detector is not None and self.monitor == "loss"
+
+    def observe(self, position: int, values: list[float]) -> None:
+        """Feed the detector the prequential errors (or losses) of the batch at ``position``."""
+        if self.detector is None or self.pending is not None:
             return
-        det = self.detector.update(error_rate if self.monitor == "error" else loss)
-        if det.drift_detected and det.direction > 0:
-            self.pending = float(det.statistic)
+        if position - self.start < self.cooldown:
+            return
+        if self.detector_name in PER_BATCH_DETECTORS:
+            values = [sum(values) / len(values)]
+        for v in values:
+            det = self.detector.update(v)
+            if det.drift_detected and det.direction > 0:
+                self.pending = float(det.statistic)
+                return
 
     def state_dict(self) -> dict[str, Any]:
         return {"experience": self.experience, "start": self.start, "task": self.task,
@@ -150,4 +158,4 @@ class BoundaryPolicy:
             self.detector.load_state_dict(state["detector"])
 
 
-__all__ = ["BATCH_DEFAULTS", "DETECTORS", "TRIGGERS", "Boundary", "BoundaryPolicy"]
+__all__ = ["DEFAULT_PARAMS", "DETECTORS", "PER_BATCH_DETECTORS", "TRIGGERS", "Boundary", "BoundaryPolicy"]

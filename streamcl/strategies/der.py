@@ -7,10 +7,13 @@ DER++ adds a cross-entropy term on a second memory sample's labels, weighted by 
 
     loss = CE(f(x), y) + alpha * MSE(f(x'), z') + beta * CE(f(x''), y'')
 
-The head grows as labels appear, so stored logits can be narrower than today's output. They
-are padded with zeros and a per-sample count of valid columns is kept: the MSE compares only
-the columns that existed at insertion (the reference implementation fails with a shape error
-instead).
+The head grows as labels appear, so stored logits become narrower than today's output (the
+reference implementation fails with a shape error there). When the head grows, each stored row
+is padded with its own smallest logit: the model that produced it gave the not-yet-existing
+classes no probability, and the row's least likely class is the finite stand-in for that. The
+MSE then also teaches "not these new classes" on old samples — the part of DER that works in
+class-incremental learning, where a fixed head's untrained outputs carry the same message.
+(Padding with zeros and masking the new columns out leaves DER no better than fine-tuning.)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from streamcl.strategies.base import Strategy, pad_cols
+from streamcl.strategies.base import Strategy
 from streamcl.strategies.buffer import ReservoirBuffer
 
 
@@ -50,18 +53,18 @@ class DER(Strategy):
             out = self.model(torch.cat(parts))
             k = len(m1["x"])
             loss = F.cross_entropy(out[:n], y)
-            loss = loss + self.alpha * masked_mse(out[n:n + k], m1["logits"], m1["n_logits"])
+            loss = loss + self.alpha * F.mse_loss(out[n:n + k], m1["logits"])
             if m2 is not None:
                 loss = loss + self.beta * F.cross_entropy(out[n + k:], m2["y"])
         self.sgd_step(loss)
         logits = out[:n].detach()
-        n_cls = logits.shape[1]
-        self.buffer.add(x=x, y=y, logits=logits,
-                        n_logits=torch.full((n,), n_cls, dtype=torch.long))
+        self.buffer.add(x=x, y=y, logits=logits)
         return logits
 
     def on_head_grown(self, n_old: int, n_new: int) -> None:
-        self.buffer.pad_field("logits", n_new)
+        stored = self.buffer.fields.get("logits")
+        if stored is not None and n_old:
+            self.buffer.fields["logits"] = pad_logits(stored, n_new)
 
     def extra_state(self) -> dict[str, Any]:
         return {"buffer": self.buffer.state_dict()}
@@ -81,9 +84,11 @@ class DERPP(DER):
                          batch_size_mem=batch_size_mem, alpha=alpha, beta=beta)
 
 
-def masked_mse(out: torch.Tensor, stored: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
-    """Mean squared error over the columns each stored row had at insertion (``< n_valid``)."""
-    stored = pad_cols(stored, out.shape[1])[:, : out.shape[1]]
-    mask = torch.arange(out.shape[1]).unsqueeze(0) < n_valid.unsqueeze(1)
-    diff = (out - stored).pow(2) * mask
-    return diff.sum() / mask.sum().clamp_min(1)
+def pad_logits(stored: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Widen stored logits to ``n_cols``, each new column taking its row's smallest logit.
+
+    >>> pad_logits(torch.tensor([[2.0, -1.0]]), 3)
+    tensor([[ 2., -1., -1.]])
+    """
+    fill = stored.min(dim=1, keepdim=True).values.expand(-1, n_cols - stored.shape[1])
+    return torch.cat([stored, fill], dim=1)

@@ -1,0 +1,213 @@
+"""Command line: ``streamcl simulate`` and ``streamcl datasets``.
+
+Every user error — a bad option, an unknown strategy parameter, a malformed data file — ends
+in one line naming the problem and the fix, and exit code 2. Tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from streamcl import __version__
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage dump
+        raise UsageError(message)
+
+
+def parse_value(text: str) -> Any:
+    """``--param`` values: JSON literals (3, 0.5, true, null) or else plain strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_params(items: list[str], option: str) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"{option} {item!r}: write it as name=value")
+        params[key.strip()] = parse_value(value.strip())
+    return params
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: give comma-separated integers, e.g. 256,256") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{option} {text!r}: give positive comma-separated integers")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="streamcl", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"streamcl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    sim = sub.add_parser("simulate", help="evaluate a strategy on a stored stream")
+    sim.add_argument("--data", required=True, type=Path, help="training stream (.npz: x, y[, task])")
+    sim.add_argument("--test-data", type=Path, help="test set (.npz) for accuracy and forgetting")
+    sim.add_argument("--strategy", default="naive",
+                     help="naive, er, agem, der, der++, mas, il2m or rar")
+    sim.add_argument("--param", action="append", default=[], metavar="K=V",
+                     help="a strategy parameter (repeatable), e.g. --param mem_size=500")
+    sim.add_argument("--model", default="mlp", help="mlp, cnn or package.module:function")
+    sim.add_argument("--hidden", default="256,256",
+                     help="MLP layer widths, or CNN channel counts (default 256,256)")
+    sim.add_argument("--boundaries", default="drift",
+                     help="drift, task, new-class, every:N, or a comma list (default drift)")
+    sim.add_argument("--detector", default="adwin", help="adwin, page-hinkley, ddm or kswin")
+    sim.add_argument("--detector-param", action="append", default=[], metavar="K=V",
+                     help="a detector parameter (repeatable), e.g. --detector-param delta=0.01")
+    sim.add_argument("--monitor", default="error", choices=["error", "loss"],
+                     help="what the detector watches (default error)")
+    sim.add_argument("--min-length", type=int, default=0,
+                     help="fewest samples in an inferred experience (default 0)")
+    sim.add_argument("--cooldown", type=int, default=0,
+                     help="samples after a boundary before the detector listens (default 0)")
+    sim.add_argument("--batch-size", type=int, default=32)
+    sim.add_argument("--lr", type=float, default=0.05)
+    sim.add_argument("--momentum", type=float, default=0.0)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sim.add_argument("--json", action="store_true", help="print one JSON object")
+
+    ds = sub.add_parser("datasets", help="write the ready-made NPZ streams")
+    ds.add_argument("--out", type=Path, default=Path("data"), help="directory (default ./data)")
+    ds.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from streamcl.data import load_stream
+    from streamcl.simulate import simulate
+    from streamcl.trainer import TrainerConfig
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
+    if not args.lr > 0:
+        raise UsageError(f"--lr {args.lr}: must be > 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
+    train = load_stream(args.data)
+    test = load_stream(args.test_data) if args.test_data else None
+    if test is not None and test.input_shape != train.input_shape:
+        raise UsageError(f"--test-data {args.test_data}: samples have shape {test.input_shape}, "
+                         f"the training stream {train.input_shape}")
+    config = TrainerConfig(
+        input_shape=train.input_shape, model=args.model,
+        hidden=parse_ints(args.hidden, "--hidden"), strategy=args.strategy,
+        params=parse_params(args.param, "--param"), lr=args.lr, momentum=args.momentum,
+        boundaries=args.boundaries, detector=args.detector,
+        detector_params=parse_params(args.detector_param, "--detector-param"),
+        min_length=args.min_length, cooldown=args.cooldown, monitor=args.monitor,
+        seed=args.seed)
+    bar = None if args.json else tqdm(total=len(train), unit="samples", file=sys.stderr,
+                                      desc=args.strategy, dynamic_ncols=True)
+    try:
+        result = simulate(train, config, batch_size=args.batch_size, test=test,
+                          progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if args.json:
+        print(json.dumps(_json_safe(result)))
+    else:
+        print(render_table(result))
+    return 0
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN (an undefined metric) becomes null, so the output is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _pct(v: float | None) -> str:
+    return "   -  " if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:5.1f}%"
+
+
+def render_table(r: dict[str, Any]) -> str:
+    lines = [
+        f"strategy            {r['strategy']}  {json.dumps(r['params'])}",
+        f"samples             {r['samples']} in {r['batches']} batches, "
+        f"{r['seconds']:.2f} s training, {r['samples_per_s']:,.0f} samples/s",
+        f"prequential acc.    {_pct(r['prequential_accuracy'])}",
+        f"experiences         {r['experiences']}",
+    ]
+    found = ", ".join(f"{b['index']} ({b['trigger']})" for b in r["boundaries"]) or "none"
+    lines.append(f"boundaries          {found}")
+    if r["true_switches"]:
+        lines.append(f"true switches       {', '.join(map(str, r['true_switches']))}")
+    lines.append(f"state sha256        {r['state_sha256']}")
+    t = r["test"]
+    if t:
+        lines += [
+            "",
+            f"test accuracy       {_pct(t['accuracy'])} on {t['samples']} samples",
+            f"average accuracy    {_pct(t['average_accuracy'])}",
+            f"forgetting          {_pct(t['forgetting'])}",
+            f"backward transfer   {_pct(t['backward_transfer'])}",
+            "per class           " + "  ".join(f"{c}:{_pct(a).strip()}"
+                                              for c, a in t["per_class"].items()),
+            "",
+            "accuracy matrix (row: after experience i; column: experience j's classes)",
+            "      " + "".join(f"  exp{j:<3d}" for j in range(len(t["accuracy_matrix"]))),
+        ]
+        for i, row in enumerate(t["accuracy_matrix"]):
+            lines.append(f"exp{i:<3d}" + "".join(f"  {_pct(v)}" for v in row))
+    return "\n".join(lines)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from streamcl.data import FMNIST_DIR, write_datasets
+
+    written = write_datasets(args.out, seed=args.seed)
+    for path in written:
+        print(path)
+    if not any("fmnist" in p.name for p in written):
+        print(f"note: Fashion-MNIST not found in {FMNIST_DIR}; install the Debian package "
+              "dataset-fashion-mnist for the split-fmnist and permuted-fmnist streams",
+              file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from streamcl.data import DataError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return {"simulate": cmd_simulate, "datasets": cmd_datasets}[args.command](args)
+    except (UsageError, DataError, ValueError) as exc:
+        print(f"streamcl: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

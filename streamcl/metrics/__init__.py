@@ -1,0 +1,1 @@
+"""Metrics: continual-learning summaries (and, later, the service's Prometheus metrics)."""
