@@ -100,7 +100,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     from streamcl.data import load_stream
     from streamcl.simulate import simulate
-    from streamcl.trainer import TrainerConfig
+    from streamcl.trainer import OnlineTrainer, TrainerConfig
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
@@ -123,10 +123,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         detector_params=parse_params(args.detector_param, "--detector-param"),
         min_length=args.min_length, cooldown=args.cooldown, monitor=args.monitor,
         seed=args.seed)
+    trainer = OnlineTrainer(config)  # configuration errors surface here, before any output
     bar = None if args.json else tqdm(total=len(train), unit="samples", file=sys.stderr,
                                       desc=args.strategy, dynamic_ncols=True)
     try:
-        result = simulate(train, config, batch_size=args.batch_size, test=test,
+        result = simulate(train, trainer, batch_size=args.batch_size, test=test,
                           progress=bar.update if bar else None)
     finally:
         if bar:

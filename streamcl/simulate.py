@@ -70,11 +70,14 @@ class _Evaluator:
                 "backward_transfer": backward_transfer(self.matrix)}
 
 
-def simulate(train: Stream, config: TrainerConfig, *, batch_size: int = 32,
+def simulate(train: Stream, trainer: OnlineTrainer | TrainerConfig, *, batch_size: int = 32,
              test: Stream | None = None,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Stream ``train`` through a fresh trainer; return the measurements as a JSON-able dict."""
-    trainer = OnlineTrainer(config)
+    """Stream ``train`` through ``trainer`` (or a fresh one built from a config); return the
+    measurements as a JSON-able dict."""
+    if isinstance(trainer, TrainerConfig):
+        trainer = OnlineTrainer(trainer)
+    config = trainer.config
     evaluator = _Evaluator(trainer, train, test) if test is not None else None
     x_all, y_all = torch.from_numpy(train.x), torch.from_numpy(train.y)
     task_all = train.task

@@ -130,6 +130,7 @@ class OnlineTrainer:
         self.shared_forward = train_forward_predicts(self.model)
         self.labels: list[int] = []
         self.index: dict[int, int] = {}
+        self._rebuild_tables()
         self.position = 0
         self.steps = 0
         self.boundaries: list[Boundary] = []
@@ -162,8 +163,7 @@ class OnlineTrainer:
         if plan.new_labels:
             self._add_labels(plan.new_labels)
         x = prepare_inputs(x, self.device)
-        yi = torch.tensor([self.index[v] for v in y.tolist()], dtype=torch.long,
-                          device=self.device)
+        yi = self._to_indices(y)
         if not self.shared_forward:
             scores = self._predict_scores(x, n_known)
         logits = self.strategy.observe(x, yi)
@@ -173,11 +173,15 @@ class OnlineTrainer:
                 torch.full((len(yi),), -1, dtype=torch.long, device=self.device))
         hit = pred == yi
         correct = int(hit.sum())
-        losses = F.cross_entropy(logits, yi, reduction="none")
-        loss = float(losses.mean())
         size = len(yi)
-        self.policy.observe(self.position, (losses if self.policy.wants_losses else
-                                            (~hit).float()).tolist())
+        if self.policy.wants_losses:
+            losses = F.cross_entropy(logits, yi, reduction="none")
+            loss = float(losses.mean())
+            self.policy.observe(self.position, losses.tolist())
+        else:
+            loss = float(F.cross_entropy(logits, yi))
+            if self.policy.detector is not None:
+                self.policy.observe(self.position, (~hit).float().tolist())
         self.position += size
         self.steps += 1
         self.correct += correct
@@ -211,14 +215,29 @@ class OnlineTrainer:
         return scores
 
     def _to_labels(self, pred: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor([*self.labels, -1], dtype=torch.long, device=pred.device)
-        return table[pred]  # index -1 picks the trailing -1
+        return self._label_table.to(pred.device)[pred]  # index -1 picks the trailing -1
+
+    def _to_indices(self, y: torch.Tensor) -> torch.Tensor:
+        """Head rows of labels ``y`` (all known): a lookup table while labels are small ints."""
+        if self._lut is not None and int(y.max()) < len(self._lut):
+            return self._lut[y.long()].to(self.device)
+        return torch.tensor([self.index[v] for v in y.tolist()], dtype=torch.long,
+                            device=self.device)
+
+    def _rebuild_tables(self) -> None:
+        self._label_table = torch.tensor([*self.labels, -1], dtype=torch.long)
+        top = max(self.labels, default=-1)
+        self._lut = None
+        if top < 1 << 16:  # dense lookup for the usual 0..K labels; a dict beyond
+            self._lut = torch.full((top + 1,), -1, dtype=torch.long)
+            self._lut[torch.tensor(self.labels, dtype=torch.long)] = torch.arange(len(self.labels))
 
     # -- head growth ------------------------------------------------------------------------
     def _add_labels(self, new: tuple[int, ...]) -> None:
         for v in new:
             self.index[v] = len(self.labels)
             self.labels.append(v)
+        self._rebuild_tables()
         self._grow_to(len(self.labels))
 
     def _grow_to(self, n: int) -> None:
