@@ -49,7 +49,8 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise UsageError(f"{option} {text!r}: give comma-separated integers, e.g. 256,256") from None
+        raise UsageError(f"{option} {text!r}: give comma-separated integers, e.g. 256,256"
+                         ) from None
     if not values or min(values) < 1:
         raise UsageError(f"{option} {text!r}: give positive comma-separated integers")
     return values
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     sim = sub.add_parser("simulate", help="evaluate a strategy on a stored stream")
-    sim.add_argument("--data", required=True, type=Path, help="training stream (.npz: x, y[, task])")
+    sim.add_argument("--data", required=True, type=Path,
+                     help="training stream (.npz: x, y[, task])")
     sim.add_argument("--test-data", type=Path, help="test set (.npz) for accuracy and forgetting")
     sim.add_argument("--strategy", default="naive",
                      help="naive, er, agem, der, der++, mas, il2m or rar")

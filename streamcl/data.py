@@ -18,6 +18,7 @@ Ready-made streams (each a ``-train.npz`` for the stream and a ``-test.npz`` to 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import struct
 from dataclasses import dataclass
@@ -124,7 +125,7 @@ def digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[Stream, Stream]:
     test = np.zeros(len(y), dtype=bool)
     for c in np.unique(y):
         idx = rng.permutation(np.flatnonzero(y == c))
-        test[idx[: int(round(len(idx) * test_fraction))]] = True
+        test[idx[: round(len(idx) * test_fraction)]] = True
     return Stream(x[~test], y[~test]), Stream(x[test], y[test])
 
 
@@ -167,10 +168,8 @@ def write_datasets(out: Path, seed: int = 0) -> list[Path]:
     """Write every ready-made stream that can be built here; return the files written."""
     out.mkdir(parents=True, exist_ok=True)
     sources = {"digits": digits(seed=seed)}
-    try:
+    with contextlib.suppress(DataError):
         sources["fmnist"] = fashion_mnist()
-    except DataError:
-        pass
     written = []
     for name, (train, test) in sources.items():
         passes = 5 if name == "digits" else 1

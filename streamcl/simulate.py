@@ -10,6 +10,7 @@ classes (keyed by ``(task, label)`` when both files carry a task, else by label)
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,15 +30,14 @@ def batch_bounds(stream: Stream, batch_size: int, cut_at_tasks: bool) -> Iterato
     if cut_at_tasks and stream.task is not None:
         cuts += (np.flatnonzero(np.diff(stream.task)) + 1).tolist()
     cuts = sorted(set(cuts))
-    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+    for lo, hi in itertools.pairwise(cuts):
         for start in range(lo, hi, batch_size):
             yield start, min(start + batch_size, hi)
 
 
-def _keys(stream: Stream, use_task: bool) -> np.ndarray:
-    if use_task:
-        return stream.task * (int(stream.y.max()) + 1 << 20) + stream.y
-    return stream.y
+def _keys(stream: Stream, use_task: bool, n_labels: int) -> np.ndarray:
+    """One integer per sample: its label, or its (task, label) pair with one shared scale."""
+    return stream.task * n_labels + stream.y if use_task else stream.y
 
 
 class _Evaluator:
@@ -46,7 +46,9 @@ class _Evaluator:
     def __init__(self, trainer: OnlineTrainer, train: Stream, test: Stream) -> None:
         self.trainer, self.test = trainer, test
         use_task = train.task is not None and test.task is not None
-        self.train_keys, self.test_keys = _keys(train, use_task), _keys(test, use_task)
+        n_labels = int(max(train.y.max(), test.y.max())) + 1
+        self.train_keys = _keys(train, use_task, n_labels)
+        self.test_keys = _keys(test, use_task, n_labels)
         self.x_test = torch.from_numpy(test.x)
         self.columns: list[np.ndarray] = []   # test-sample mask of each experience
         self.matrix: list[list[float | None]] = []

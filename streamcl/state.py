@@ -52,7 +52,7 @@ def flatten(tree: Any) -> tuple[Any, dict[str, torch.Tensor]]:
             return {_TENSOR: key}
         if isinstance(node, dict):
             if node and all(isinstance(k, int) for k in node):
-                return {_INTKEYS: [[k, walk(v)] for k, v in node.items()]}
+                return {_INTKEYS: [[k, walk(node[k])] for k in sorted(node)]}
             bad = [k for k in node if not isinstance(k, str)]
             if bad:
                 raise TypeError(f"state keys must be str or int, got {bad[0]!r}")

@@ -141,6 +141,8 @@ class OnlineTrainer:
     def plan(self, y: torch.Tensor, task: torch.Tensor | int | None = None) -> Plan:
         """Decide the step for a batch with labels ``y`` (and the producer's task value)."""
         y_list = y.tolist()
+        if not y_list:
+            raise ValueError("an empty batch has nothing to learn; skip it instead of planning it")
         new = tuple(v for v in dict.fromkeys(y_list) if v not in self.index)
         if isinstance(task, torch.Tensor):
             task = int(task.reshape(-1)[0]) if task.numel() else None
@@ -199,11 +201,11 @@ class OnlineTrainer:
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Predicted labels through the model's inference path (rectified where it applies)."""
+        if not self.model.n_classes or not len(x):
+            return torch.full((len(x),), -1, dtype=torch.long)
         out = [self._predict_scores(prepare_inputs(x[i:i + batch_size], self.device),
                                     self.model.n_classes)
                for i in range(0, len(x), batch_size)]
-        if not self.model.n_classes:
-            return torch.full((len(x),), -1, dtype=torch.long)
         return self._to_labels(torch.cat(out).argmax(1)).cpu()
 
     @torch.no_grad()

@@ -2,7 +2,8 @@
 
 A live stream never says "task 3 starts now", so boundaries are inferred. Triggers:
 
-* ``drift``: a drift detector watching the prequential errors (or losses) flags an *increase* — the model got worse, the world changed. A detected *decrease* is the
+* ``drift``: a drift detector watching the prequential errors (or losses) flags an
+  *increase* — the model got worse, the world changed. A detected *decrease* is the
   model learning, not a new experience, and is ignored.
 * ``new-class``: a batch carries a label never seen before.
 * ``task``: the producer's explicit ``task`` value changed (oracle mode).
@@ -78,8 +79,9 @@ class BoundaryPolicy:
         self.monitor = monitor
         self.detector_name = detector
         self.detector_params = {**DEFAULT_PARAMS.get(detector, {}), **(detector_params or {})}
-        self.detector: DriftDetector | None = (
-            make_detector(detector, **self.detector_params) if "drift" in triggers else None)
+        # built even when unused, so a misspelt name or parameter fails here, not later
+        detector_obj = make_detector(detector, **self.detector_params)
+        self.detector: DriftDetector | None = detector_obj if "drift" in triggers else None
         self.experience = 0
         self.start = 0            # stream position where the current experience began
         self.task: int | None = None
@@ -158,4 +160,5 @@ class BoundaryPolicy:
             self.detector.load_state_dict(state["detector"])
 
 
-__all__ = ["DEFAULT_PARAMS", "DETECTORS", "PER_BATCH_DETECTORS", "TRIGGERS", "Boundary", "BoundaryPolicy"]
+__all__ = ["DEFAULT_PARAMS", "DETECTORS", "PER_BATCH_DETECTORS", "TRIGGERS", "Boundary",
+           "BoundaryPolicy"]

@@ -44,10 +44,30 @@ def make_strategy(name: str, model: Classifier, optimizer: torch.optim.Optimizer
     if name not in STRATEGIES:
         raise ValueError(f"--strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
     accepted = strategy_params(name)
-    for k in params:
+    for k, v in params.items():
         if k not in accepted:
             raise ValueError(f"--param {k}: {name} takes {', '.join(accepted) or 'no parameters'}")
+        check_param(name, k, v, accepted[k].annotation)
     return STRATEGIES[name](model, optimizer, generator, **params)
+
+
+_POSITIVE_INTS = {"mem_size", "batch_size_mem", "patterns_per_experience", "sample_size",
+                  "importance_samples"}
+
+
+def check_param(strategy: str, key: str, value: Any, annotation: str) -> None:
+    """Refuse a value that does not fit the parameter's annotation, with a one-line reason."""
+    kinds = {a.strip() for a in str(annotation).split("|")}
+    ok = (("int" in kinds and isinstance(value, int) and not isinstance(value, bool))
+          or ("float" in kinds and isinstance(value, int | float) and not isinstance(value, bool))
+          or ("bool" in kinds and isinstance(value, bool))
+          or ("str" in kinds and isinstance(value, str))
+          or ("None" in kinds and value is None))
+    if not ok:
+        raise ValueError(f"--param {key}={value!r}: {strategy}'s {key} must be "
+                         f"{' or '.join(sorted(kinds))}")
+    if key in _POSITIVE_INTS and value < 1:
+        raise ValueError(f"--param {key}={value!r}: must be >= 1")
 
 
 __all__ = ["STRATEGIES", "Strategy", "make_strategy", "resolved_params", "strategy_params"]

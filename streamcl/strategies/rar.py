@@ -47,7 +47,12 @@ class RAR(Strategy):
         self.batch_size_mem = batch_size_mem
         self.opt_lr = opt_lr
         self.name_ext_layer = name_ext_layer or "body"
-        model.get_submodule(self.name_ext_layer)  # fail now, with torch's message, if absent
+        try:
+            model.get_submodule(self.name_ext_layer)
+        except AttributeError:
+            layers = ", ".join(n for n, _ in model.named_modules() if n)
+            raise ValueError(f"--param name_ext_layer={name_ext_layer!r}: no such layer; the "
+                             f"model has {layers}") from None
         self.use_adversarial_replay = use_adversarial_replay
         self.beta_coef = beta_coef
         self.decay_factor_fgsm = decay_factor_fgsm
