@@ -1,0 +1,93 @@
+"""Learning on split digits: every replay strategy forgets clearly less than fine-tuning.
+
+The ``split-digits`` benchmark (5 experiences of 2 classes, each shown 5 times; batch 32, lr
+0.05, task boundaries), with a one-hidden-layer MLP of 128 units: on this stream it separates
+the strategies as clearly as the default 256-256 MLP (A-GEM more clearly) at a fraction of the
+cost. Final test accuracies measured over seeds 0-7 (naive: 0.18-0.19):
+
+=========  ===========  ================================
+strategy   accuracy     smallest gap to naive, same seed
+=========  ===========  ================================
+er         0.46-0.53    0.27
+agem       0.34-0.42    0.15
+der        0.30-0.37    0.11   (alpha=1.0, see below)
+der++      0.47-0.53    0.28
+il2m       0.62-0.73    0.44
+rar        0.68-0.78    0.50
+mas        0.17-0.18    (a regulariser: no replay, no gain here; it must only stay sane)
+=========  ===========  ================================
+
+The margins asserted below are about half of the smallest measured gap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from streamcl.simulate import simulate
+from streamcl.trainer import OnlineTrainer, TrainerConfig
+
+SEEDS = (0, 1)
+HIDDEN = (128,)
+MARGIN = {"er": 0.15, "agem": 0.08, "der": 0.06, "der++": 0.15, "il2m": 0.25, "rar": 0.25}
+PARAMS = {
+    # Plain DER has no cross-entropy replay term, only the logit-matching MSE. On this short
+    # stream the logits are still small when they are stored, so with the default alpha=0.1 the
+    # MSE barely pulls and DER ends at naive's level (0.18-0.19 for seeds 0-3, as naive);
+    # alpha=1.0 lets the stored "dark knowledge" protect the old classes.
+    "der": {"alpha": 1.0},
+}
+
+
+@pytest.fixture(scope="module")
+def results(split_digits) -> dict[tuple[str, int], dict]:
+    """One run per (strategy, seed), shared by the tests below."""
+    train, test = split_digits
+    cache: dict[tuple[str, int], dict] = {}
+
+    def get(name: str, seed: int) -> dict:
+        if (name, seed) not in cache:
+            cfg = TrainerConfig(input_shape=train.input_shape, hidden=HIDDEN, strategy=name,
+                                params=PARAMS.get(name, {}), lr=0.05, boundaries="task",
+                                seed=seed)
+            trainer = OnlineTrainer(cfg)
+            result = simulate(train, trainer, batch_size=32, test=test)
+            result["finite"] = all(bool(torch.isfinite(p).all())
+                                   for p in trainer.model.parameters())
+            cache[name, seed] = result
+        return cache[name, seed]
+
+    return get  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", sorted(MARGIN))
+def test_replay_strategies_beat_fine_tuning(name: str, seed: int, results) -> None:
+    naive = results("naive", seed)["test"]["accuracy"]
+    mine = results(name, seed)["test"]
+    assert mine["accuracy"] >= naive + MARGIN[name], (name, seed, mine["accuracy"], naive)
+    # the gain is remembering: less forgetting than fine-tuning
+    assert mine["forgetting"] < results("naive", seed)["test"]["forgetting"]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fine_tuning_forgets_almost_everything(seed: int, results) -> None:
+    test = results("naive", seed)["test"]
+    matrix = test["accuracy_matrix"]
+    assert len(matrix) == 5
+    assert all(row[i] > 0.8 for i, row in enumerate(matrix))  # each experience is learned...
+    assert max(matrix[-1][:4]) < 0.1  # ...and gone after the last one
+    assert 0.1 <= test["accuracy"] <= 0.3
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", ["naive", "mas"])
+def test_regularised_and_plain_learners_do_not_diverge(name: str, seed: int, results) -> None:
+    r = results(name, seed)
+    assert r["finite"]
+    assert math.isfinite(r["test"]["accuracy"]) and r["test"]["accuracy"] >= 0.1
+    assert r["prequential_accuracy"] > 0.5  # it learns each experience while it lasts
+    assert [b["index"] for b in r["boundaries"]] == r["true_switches"]
