@@ -101,6 +101,7 @@ def simulate(train: Stream, trainer: OnlineTrainer | TrainerConfig, *, batch_siz
         seconds += time.perf_counter() - t0
         if progress is not None:
             progress(stop - start)
+    trainer.prepare_inference()
     if evaluator is not None:
         evaluator.close_experience(exp_start, len(train))
     true_switches = ([] if train.task is None else

@@ -198,6 +198,10 @@ class OnlineTrainer:
         return self.learn(x, y, plan)
 
     # -- inference --------------------------------------------------------------------------
+    def prepare_inference(self) -> None:
+        """Let the strategy update inference-time state for the open experience (IL2M)."""
+        self.strategy.prepare_inference()
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
         """Predicted labels through the model's inference path (rectified where it applies)."""

@@ -41,6 +41,10 @@ class Strategy:
     def on_experience_end(self) -> None:
         """The current experience just ended (called before ``experience`` is incremented)."""
 
+    def prepare_inference(self) -> None:
+        """Bring inference-time state up to date for the still-open experience (called before
+        a final evaluation or a publication; a live stream's last experience never ends)."""
+
     def on_head_grown(self, n_old: int, n_new: int) -> None:
         """The head went from ``n_old`` to ``n_new`` rows (the optimizer is already re-pointed)."""
 

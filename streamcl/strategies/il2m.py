@@ -126,16 +126,24 @@ class IL2M(Strategy):
     def on_head_grown(self, n_old: int, n_new: int) -> None:
         self.rectifier.grow(n_new)
 
-    @torch.no_grad()
     def on_experience_end(self) -> None:
-        registered = self.rectifier.class_exp
-        unregistered = {c: k for c, k in self.counts.items() if int(registered[c]) < 0}
+        self._register(self.experience)
         self.counts = {}
-        if not unregistered or not len(self.memory):
+
+    def prepare_inference(self) -> None:
+        # provisional: the open experience's classes get statistics now, recomputed at its end
+        self._register(self.experience)
+
+    @torch.no_grad()
+    def _register(self, exp: int) -> None:
+        """Statistics at the end of experience ``exp`` (its new classes, and the old ones)."""
+        registered = self.rectifier.class_exp
+        mine = {c: k for c, k in self.counts.items() if int(registered[c]) in (-1, exp)}
+        if not mine or not len(self.memory):
             return
-        enough = sum(unregistered.values()) / len(unregistered) / 4
-        new = sorted(c for c, k in unregistered.items() if k >= enough)
-        old = [c for c in range(len(registered)) if int(registered[c]) >= 0]
+        enough = sum(mine.values()) / len(mine) / 4
+        new = sorted(c for c, k in mine.items() if k >= enough)
+        old = [c for c in range(len(registered)) if 0 <= int(registered[c]) < exp]
         was_training = self.model.training
         self.model.eval()
         init_mean, current_mean, top = {}, {}, []
@@ -153,7 +161,7 @@ class IL2M(Strategy):
         new = [c for c in new if c in init_mean]
         if new:
             confidence = float(torch.cat(top).mean())
-            self.rectifier.register(self.experience, new, init_mean, confidence, current_mean)
+            self.rectifier.register(exp, new, init_mean, confidence, current_mean)
 
     def extra_state(self) -> dict[str, Any]:
         return {"memory": self.memory.state_dict(),
