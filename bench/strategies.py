@@ -84,7 +84,10 @@ def avalanche(name: str, python: str, files: tuple[Path, Path], args) -> dict | 
     cmd = [python, str(Path(__file__).with_name("avalanche_runner.py")), "--train", str(files[0]),
            "--test", str(files[1]), "--strategy", name, "--mem-size", str(MEM),
            "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--threads",
-           str(args.threads), "--seed", str(args.seed)]
+           str(args.threads), "--seed", str(args.seed),
+           # Avalanche's default: its loaders reshuffle each experience (and the replay memory);
+           # without it, ER, IL2M and RAR walk their memory in stored order and lose ~7 points
+           "--shuffle"]
     for p in AVALANCHE_PARAMS.get(name, []):
         cmd += ["--param", p]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
