@@ -1,0 +1,357 @@
+"""Micro-batches from a Kafka topic: validated, cut by size and time, replayable by offsets.
+
+:class:`BatchConsumer` reads one topic in a consumer group with manual commits: the service
+journals a batch's offset ranges, learns from it, and only then commits, so a crash never skips
+a sample. Every message is decoded on arrival (:class:`~streamcl.stream.messages.Decoder`);
+those it cannot use go to the dead-letter topic (``<topic>.dlq``) with the original value bytes
+and headers plus the reason and source coordinates, and are counted by reason. They still count
+in the batch's offset ranges, so committing the batch moves past them and
+:meth:`BatchConsumer.read_ranges` (journal replay) rebuilds exactly the same batch from the same
+ranges.
+
+Within a batch, samples are ordered by (partition, offset): Kafka orders only within a
+partition, so that is the one order a replay can reproduce. A continual-learning stream whose
+order matters belongs in a single-partition topic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
+from kafka.structs import OffsetAndMetadata
+
+from streamcl.stream.broker import ensure_topics
+from streamcl.stream.messages import Decoder, Rejection, Sample
+
+H_REASON = "streamcl-reason"
+H_SOURCE_TOPIC = "streamcl-source-topic"
+H_SOURCE_PARTITION = "streamcl-source-partition"
+H_SOURCE_OFFSET = "streamcl-source-offset"
+H_NOTE = "streamcl-note"
+_DLQ_HEADERS = frozenset({H_REASON, H_SOURCE_TOPIC, H_SOURCE_PARTITION, H_SOURCE_OFFSET, H_NOTE})
+
+#: Fetch settings for throughput: big fetches, many records per poll, a short broker wait so a
+#: partial batch is not held back by the fetch itself.
+FETCH_DEFAULTS: dict[str, Any] = {
+    "fetch_max_bytes": 64 << 20,
+    "max_partition_fetch_bytes": 16 << 20,
+    "max_poll_records": 10_000,
+    "fetch_max_wait_ms": 100,
+    "receive_buffer_bytes": 4 << 20,
+}
+
+
+class DeadLetterError(RuntimeError):
+    """A rejected message could not be written to the dead-letter topic (nothing committed)."""
+
+
+@dataclass
+class MicroBatch:
+    """Valid samples of a run of consecutive offsets, and the exact ranges they came from.
+
+    ``x`` keeps the element type of the messages (uint8 stays uint8: image bytes the trainer
+    scales); with no valid sample it is an empty float32 tensor. ``task`` is ``None`` when no
+    sample has one, else one value per sample with ``-1`` where a sample has none. ``ranges``
+    maps partition to (first, last) offset consumed, rejected messages included;
+    ``timestamp_ms`` is the newest Kafka record timestamp among them.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    task: torch.Tensor | None
+    ranges: dict[int, tuple[int, int]]
+    rejected: int
+    timestamp_ms: int | None
+    ids: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def next_offsets(self) -> dict[int, int]:
+        """What to commit once the batch is safely handled: the offset after each range."""
+        return {p: last + 1 for p, (_, last) in self.ranges.items()}
+
+
+_Item = tuple[Any, Sample | Rejection]  # (ConsumerRecord, its decoding)
+_UNSET = object()
+
+
+class BatchConsumer:
+    """Validated micro-batches from ``topic`` in consumer group ``group_id``.
+
+    ``poll_batch`` returns up to ``max_records`` valid samples, or fewer once ``max_wait_s``
+    has passed; with ``cut_at_task_change`` a batch never straddles a change of the producer's
+    task value (so the trainer's oracle boundaries fall between batches), and a batch never
+    mixes element types. Offsets are committed only by :meth:`commit`. ``client_config`` holds
+    security settings (:func:`~streamcl.stream.broker.kafka_config`); ``consumer_config``
+    overrides any kafka-python consumer setting.
+
+    ``session_timeout_ms`` defaults to 10 s rather than kafka-python's 45 s: the embedded tansu
+    broker completes a group's first join only after half the session timeout.
+
+    Delivery is at least once: after a rebalance (or a restart) a partition is read again from
+    its committed offset, so batches returned but not yet committed come again.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, group_id: str, decoder: Decoder, *,
+                 dlq_topic: str | None = None, cut_at_task_change: bool = False,
+                 client_config: dict[str, Any] | None = None,
+                 consumer_config: dict[str, Any] | None = None,
+                 auto_offset_reset: str = "earliest", session_timeout_ms: int = 10_000) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.group_id = group_id
+        self.decoder = decoder
+        self.dlq_topic = dlq_topic or f"{topic}.dlq"
+        self.cut_at_task_change = cut_at_task_change
+        self.client_config = dict(client_config or {})
+        self._config = {**FETCH_DEFAULTS, "session_timeout_ms": session_timeout_ms,
+                        "heartbeat_interval_ms": min(3000, session_timeout_ms // 3),
+                        "auto_offset_reset": auto_offset_reset, **self.client_config,
+                        **(consumer_config or {})}
+        #: rejected messages seen by poll_batch, by reason code (replays are not counted)
+        self.rejections: Counter[str] = Counter()
+        self._pending: deque[_Item] = deque()
+        self._revoked: set[int] = set()
+        self._seek_to: dict[int, int] = {}
+        self._producer: KafkaProducer | None = None
+        self._replay: KafkaConsumer | None = None
+        self._consumer = KafkaConsumer(**{
+            **self._config, "bootstrap_servers": bootstrap, "group_id": group_id,
+            "enable_auto_commit": False, "value_deserializer": None, "key_deserializer": None})
+        self._consumer.subscribe([topic], listener=_Listener(self))
+
+    # -- the live stream ----------------------------------------------------------------------
+    def poll_batch(self, max_records: int, max_wait_s: float) -> MicroBatch | None:
+        """The next micro-batch, or ``None`` if no message arrived within ``max_wait_s``.
+
+        A batch may hold no valid sample (all rejected): it is still returned, so that its
+        offsets get journaled and committed. Dead letters are flushed before it is returned.
+        """
+        if max_records < 1:
+            raise ValueError(f"max_records must be >= 1, got {max_records}")
+        deadline = time.monotonic() + max_wait_s
+        items: list[_Item] = []
+        valid, key, polled = 0, _UNSET, False
+        while True:
+            cut = False
+            while self._pending and valid < max_records:
+                decoded = self._pending[0][1]
+                if isinstance(decoded, Sample):
+                    k = self._key(decoded)
+                    if key is _UNSET:
+                        key = k
+                    elif k != key:
+                        cut = True
+                        break
+                    valid += 1
+                items.append(self._pending.popleft())
+            if cut or valid >= max_records:
+                break
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 and polled:
+                break
+            records = self._consumer.poll(timeout_ms=max(0, int(remaining * 1000)),
+                                          max_records=max_records - valid)
+            polled = True
+            decode = self.decoder.decode
+            for recs in records.values():
+                self._pending.extend((r, decode(r.value, r.headers)) for r in recs)
+            if self._revoked:
+                valid, key = self._drop_revoked(items)
+        if not items:
+            return None
+        rejected = [(r, d) for r, d in items if isinstance(d, Rejection)]
+        if rejected:
+            self._dead_letter(rejected)
+        return self._assemble(items)
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Commit next-offsets (partition -> offset of the first record *not* yet handled)."""
+        self._consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+                               for p, o in offsets.items()})
+
+    def seek(self, offsets: dict[int, int]) -> None:
+        """Continue the live stream at these next-offsets (e.g. the end of a replayed journal).
+
+        Applied now to partitions already assigned, else once when they are assigned.
+        """
+        assigned = {tp.partition for tp in self._consumer.assignment()}
+        for p, o in offsets.items():
+            if p in assigned:
+                self._consumer.seek(TopicPartition(self.topic, p), o)
+                self._pending = deque(it for it in self._pending if it[0].partition != p)
+            else:
+                self._seek_to[p] = o
+
+    # -- replay -------------------------------------------------------------------------------
+    def read_ranges(self, ranges: dict[int, tuple[int, int]],
+                    timeout_s: float = 30.0) -> MicroBatch:
+        """Rebuild the batch of these offset ranges (journal replay), decoded the same way.
+
+        Rejected messages are skipped again but not re-sent to the dead-letter topic (they were
+        sent when first consumed). Raises ``TimeoutError`` if the records cannot all be read,
+        and kafka-python's ``OffsetOutOfRangeError`` if retention already deleted them.
+        """
+        consumer = self._replay_consumer()
+        deadline = time.monotonic() + timeout_s
+        decode = self.decoder.decode
+        items: list[_Item] = []
+        for p in sorted(ranges):
+            first, last = ranges[p]
+            tp = TopicPartition(self.topic, p)
+            consumer.assign([tp])
+            consumer.seek(tp, first)
+            while consumer.position(tp) <= last:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"could not read offsets {first}..{last} of "
+                                       f"{self.topic}[{p}] within {timeout_s:g} s")
+                records = consumer.poll(timeout_ms=int(remaining * 1000),
+                                        max_records=last - consumer.position(tp) + 1)
+                items.extend((r, decode(r.value, r.headers)) for r in records.get(tp, ())
+                             if first <= r.offset <= last)
+        return self._assemble(items)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _key(self, sample: Sample) -> tuple[Any, ...]:
+        """What may not change inside a batch: the element type, and the task if asked."""
+        return (sample.x.dtype, sample.task) if self.cut_at_task_change else (sample.x.dtype,)
+
+    def _assemble(self, items: list[_Item]) -> MicroBatch:
+        by_partition: dict[int, list[_Item]] = {}
+        for item in items:  # arrival order is offset order within a partition
+            by_partition.setdefault(item[0].partition, []).append(item)
+        if len(by_partition) > 1:
+            items = [it for p in sorted(by_partition) for it in by_partition[p]]
+        ranges = {p: (its[0][0].offset, its[-1][0].offset) for p, its in by_partition.items()}
+        samples = [d for _, d in items if type(d) is Sample]
+        if samples:
+            x = torch.from_numpy(np.stack([s.x for s in samples]))
+        else:
+            x = torch.empty((0, *self.decoder.input_shape), dtype=torch.float32)
+        y = torch.tensor([s.y for s in samples], dtype=torch.long)
+        tasks = [s.task for s in samples]
+        task = (None if all(t is None for t in tasks) else
+                torch.tensor([-1 if t is None else t for t in tasks], dtype=torch.long))
+        stamps = [r.timestamp for r, _ in items if r.timestamp is not None and r.timestamp >= 0]
+        return MicroBatch(x, y, task, ranges, len(items) - len(samples),
+                          max(stamps) if stamps else None, [s.id for s in samples])
+
+    def _drop_revoked(self, items: list[_Item]) -> tuple[int, Any]:
+        """Forget records of partitions taken away by a rebalance (whoever is assigned them
+        next reads them again from the committed offset); return the batch's new (valid, key).
+        """
+        gone, self._revoked = self._revoked, set()
+        items[:] = [it for it in items if it[0].partition not in gone]
+        self._pending = deque(it for it in self._pending if it[0].partition not in gone)
+        samples = [d for _, d in items if isinstance(d, Sample)]
+        return len(samples), (self._key(samples[0]) if samples else _UNSET)
+
+    def _dead_letter(self, rejected: list[_Item]) -> None:
+        producer = self._dlq_producer()
+        sent = []
+        for record, rejection in rejected:
+            self.rejections[rejection.code] += 1
+            headers = [(k, v) for k, v in (record.headers or ()) if k not in _DLQ_HEADERS]
+            headers += [(H_REASON, rejection.reason.encode()),
+                        (H_SOURCE_TOPIC, record.topic.encode()),
+                        (H_SOURCE_PARTITION, b"%d" % record.partition),
+                        (H_SOURCE_OFFSET, b"%d" % record.offset)]
+            value = record.value
+            if value is None and record.key is None:  # a client cannot send null/null
+                value = b""
+                headers.append((H_NOTE, b"original value and key were null"))
+            sent.append((record, headers, self._send(producer, value, record.key, headers)))
+        producer.flush()
+        for record, headers, future in sent:
+            try:
+                try:
+                    future.get(timeout=30)
+                except (MessageSizeTooLargeError, RecordListTooLargeError):
+                    # keep reason and coordinates; the bytes stay readable in the source topic
+                    note = f"value dropped: {len(record.value)} bytes too large for the DLQ"
+                    self._send(producer, b"", record.key,
+                               [*headers, (H_NOTE, note.encode())]).get(timeout=30)
+            except KafkaError as exc:
+                raise DeadLetterError(f"dead letter for {record.topic}[{record.partition}]@"
+                                      f"{record.offset} not written: {exc}") from exc
+
+    def _send(self, producer: KafkaProducer, value: bytes | None, key: bytes | None,
+              headers: list[tuple[str, bytes]]) -> Any:
+        try:
+            return producer.send(self.dlq_topic, value=value, key=key, headers=headers)
+        except (MessageSizeTooLargeError, RecordListTooLargeError) as exc:
+            return _Failed(exc)
+
+    def _dlq_producer(self) -> KafkaProducer:
+        if self._producer is None:
+            # without the right to create topics here, the DLQ topic may be provisioned already
+            with contextlib.suppress(KafkaError):
+                ensure_topics(self.bootstrap, [self.dlq_topic], client_config=self.client_config)
+            self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
+                                           linger_ms=5, max_request_size=64 << 20,
+                                           **self.client_config)
+        return self._producer
+
+    def _replay_consumer(self) -> KafkaConsumer:
+        if self._replay is None:
+            # no group, and no silent reset: a range that retention deleted is an error
+            self._replay = KafkaConsumer(**{
+                **self._config, "bootstrap_servers": self.bootstrap, "group_id": None,
+                "enable_auto_commit": False, "auto_offset_reset": "none",
+                "value_deserializer": None, "key_deserializer": None})
+        return self._replay
+
+    def close(self) -> None:
+        """Leave the group without committing anything, and flush pending dead letters."""
+        if self._producer is not None:
+            self._producer.close()
+            self._producer = None
+        if self._replay is not None:
+            self._replay.close(autocommit=False)
+            self._replay = None
+        self._consumer.close(autocommit=False)
+
+    def __enter__(self) -> BatchConsumer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class _Failed:
+    """A send that failed before it left (kafka-python raised instead of returning a future)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def get(self, timeout: float | None = None) -> None:
+        raise self.exc
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, owner: BatchConsumer) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self.owner._revoked.update(tp.partition for tp in revoked)
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        owner = self.owner
+        for tp in assigned:
+            if tp.partition in owner._seek_to:
+                owner._consumer.seek(tp, owner._seek_to.pop(tp.partition))
