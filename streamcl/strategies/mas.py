@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from streamcl.strategies.base import Strategy, pad_rows
@@ -43,6 +44,7 @@ class MAS(Strategy):
         self.current = ReservoirBuffer(importance_samples, generator)
         self.importance: dict[str, torch.Tensor] = {}
         self.anchor: dict[str, torch.Tensor] = {}
+        self._prox: tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
@@ -55,9 +57,17 @@ class MAS(Strategy):
     @torch.no_grad()
     def _proximal_step(self) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
+        if self._prox is None or self._prox[0] != lr:
+            # theta <- theta * w + b, with w = 1 / (1 + c) and b = c * theta* / (1 + c)
+            coeffs = {}
+            for name, imp in self.importance.items():
+                c = (2 * lr * self.lambda_reg) * imp
+                coeffs[name] = (1 / (1 + c), c * self.anchor[name] / (1 + c))
+            self._prox = (lr, coeffs)
+        coeffs = self._prox[1]
         for name, p in self.model.named_parameters():
-            c = (2 * lr * self.lambda_reg) * self.importance[name]
-            p.copy_((p + c * self.anchor[name]) / (1 + c))
+            w, b = coeffs[name]
+            p.mul_(w).add_(b)
 
     def penalty(self) -> torch.Tensor:
         """``sum_i Omega_i (theta_i - theta*_i)^2`` (zero before the first experience ends)."""
@@ -69,21 +79,14 @@ class MAS(Strategy):
 
     def compute_importance(self, x: torch.Tensor, chunk: int = 64) -> dict[str, torch.Tensor]:
         """Mean absolute per-sample gradient of ``||f(x)||^2`` w.r.t. every parameter."""
-        model = self.model
-        params = {k: v.detach() for k, v in model.named_parameters()}
-        buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-        def sq_norm(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, (p, buffers), (xi.unsqueeze(0),)).pow(2).sum()
-
-        per_sample = vmap(grad(sq_norm), in_dims=(None, 0))
-        total = {k: torch.zeros_like(v) for k, v in params.items()}
-        was_training = model.training
-        model.eval()
-        for i in range(0, len(x), chunk):
-            for k, g in per_sample(params, x[i:i + chunk]).items():
-                total[k] += g.abs().sum(0)
-        model.train(was_training)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            linear = _all_linear(self.model)
+            total = (_linear_importance(self.model, linear, x, chunk) if linear is not None
+                     else _vmap_importance(self.model, x, chunk))
+        finally:
+            self.model.train(was_training)
         return {k: v / max(len(x), 1) for k, v in total.items()}
 
     def on_experience_end(self) -> None:
@@ -96,6 +99,7 @@ class MAS(Strategy):
         self.importance = new
         self.anchor = {k: p.detach().clone() for k, p in self.model.named_parameters()}
         self.current = ReservoirBuffer(self.importance_samples, self.generator)
+        self._prox = None
 
     def on_head_grown(self, n_old: int, n_new: int) -> None:
         # new rows start unimportant; their anchor is irrelevant while their importance is 0
@@ -103,6 +107,7 @@ class MAS(Strategy):
             if name in self.importance and self.importance[name].shape != p.shape:
                 self.importance[name] = pad_rows(self.importance[name], p.shape[0])
                 self.anchor[name] = pad_rows(self.anchor[name], p.shape[0])
+        self._prox = None
 
     def extra_state(self) -> dict[str, Any]:
         return {"current": self.current.state_dict(), "importance": self.importance,
@@ -112,3 +117,58 @@ class MAS(Strategy):
         self.current.load_state_dict(state["current"])
         self.importance = dict(state["importance"])
         self.anchor = dict(state["anchor"])
+        self._prox = None
+
+
+def _all_linear(model: nn.Module) -> dict[str, nn.Linear] | None:
+    """The model's Linear layers by name, if every parameter belongs to one (else None)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    owned = {f"{n}.{p}" for n, m in layers.items() for p, _ in m.named_parameters()}
+    return layers if owned == {k for k, _ in model.named_parameters()} else None
+
+
+def _linear_importance(model: nn.Module, layers: dict[str, nn.Linear], x: torch.Tensor,
+                       chunk: int) -> dict[str, torch.Tensor]:
+    """Exact sum of per-sample |gradients| for Linear layers, from one backward per chunk.
+
+    A Linear layer's per-sample weight gradient is the outer product ``g_i a_i^T`` of the
+    gradient at its output and its input, and ``|g_i a_i^T| = |g_i| |a_i|^T``, so the sum over
+    samples is one matmul ``|G|^T |A|`` — no per-sample gradient is ever materialised.
+    """
+    total = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: inputs.__setitem__(n, (i[0], o)))
+             for n, m in layers.items()]
+    try:
+        for i in range(0, len(x), chunk):
+            inputs.clear()
+            out = model(x[i:i + chunk])
+            outs = [inputs[n][1] for n in layers]
+            # summed over samples: each sample's squared norm depends on that sample alone
+            grads = torch.autograd.grad(out.pow(2).sum(), outs)
+            for (n, m), g in zip(layers.items(), grads, strict=True):
+                a = inputs[n][0].detach().flatten(0, -2).abs()
+                g = g.flatten(0, -2).abs()
+                total[f"{n}.weight"] += g.T @ a
+                if m.bias is not None:
+                    total[f"{n}.bias"] += g.sum(0)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total
+
+
+def _vmap_importance(model: nn.Module, x: torch.Tensor, chunk: int) -> dict[str, torch.Tensor]:
+    """Any model: per-sample gradients with ``torch.func.vmap`` (slower, memory-bound)."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def sq_norm(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, (p, buffers), (xi.unsqueeze(0),)).pow(2).sum()
+
+    per_sample = vmap(grad(sq_norm), in_dims=(None, 0))
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    for i in range(0, len(x), chunk):
+        for k, g in per_sample(params, x[i:i + chunk]).items():
+            total[k] += g.abs().sum(0)
+    return total
