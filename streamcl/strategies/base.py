@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from streamcl.models import Classifier
@@ -72,6 +73,16 @@ class Strategy:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+
+def replay_step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     mem: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the batch with the memory samples appended (if any): the logits of all
+    rows and the cross-entropy over all of them (plain replay's loss)."""
+    if mem is not None:
+        x, y = torch.cat([x, mem["x"]]), torch.cat([y, mem["y"]])
+    out = model(x)
+    return out, F.cross_entropy(out, y)
 
 
 def flat_grad(params: list[nn.Parameter]) -> torch.Tensor:

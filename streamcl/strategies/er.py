@@ -11,9 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from streamcl.strategies.base import Strategy
+from streamcl.strategies.base import Strategy, replay_step_loss
 from streamcl.strategies.buffer import ReservoirBuffer
 
 
@@ -28,13 +27,8 @@ class ER(Strategy):
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = len(x)
-        if len(self.buffer):
-            mem = self.buffer.sample(self.batch_size_mem)
-            out = self.model(torch.cat([x, mem["x"]]))
-            loss = F.cross_entropy(out, torch.cat([y, mem["y"]]))
-        else:
-            out = self.model(x)
-            loss = F.cross_entropy(out, y)
+        mem = self.buffer.sample(self.batch_size_mem) if len(self.buffer) else None
+        out, loss = replay_step_loss(self.model, x, y, mem)
         self.sgd_step(loss)
         self.buffer.add(x=x, y=y)
         return out[:n].detach()

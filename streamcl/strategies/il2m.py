@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from streamcl.strategies.base import Strategy, pad_rows
+from streamcl.strategies.base import Strategy, pad_rows, replay_step_loss
 from streamcl.strategies.buffer import BalancedBuffer
 
 
@@ -110,13 +110,8 @@ class IL2M(Strategy):
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = len(x)
-        if len(self.memory):
-            mem = self.memory.sample(self.batch_size_mem)
-            out = self.model(torch.cat([x, mem["x"]]))
-            loss = F.cross_entropy(out, torch.cat([y, mem["y"]]))
-        else:
-            out = self.model(x)
-            loss = F.cross_entropy(out, y)
+        mem = self.memory.sample(self.batch_size_mem) if len(self.memory) else None
+        out, loss = replay_step_loss(self.model, x, y, mem)
         self.sgd_step(loss)
         self.memory.add(y, x=x, y=y)
         for c, k in zip(*torch.unique(y, return_counts=True), strict=True):
