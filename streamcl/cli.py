@@ -1,4 +1,4 @@
-"""Command line: ``streamcl simulate`` and ``streamcl datasets``.
+"""Command line: ``streamcl simulate``, ``streamcl produce`` and ``streamcl datasets``.
 
 Every user error — a bad option, an unknown strategy parameter, a malformed data file — ends
 in one line naming the problem and the fix, and exit code 2. Tracebacks are for bugs.
@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
+
+    prod = sub.add_parser("produce", help="load a data set into a Kafka topic")
+    prod.add_argument("--data", required=True, type=Path, help="stream to send (.npz)")
+    prod.add_argument("--topic", required=True)
+    prod.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers (host:port)")
+    prod.add_argument("--rate", type=float, default=None, help="messages per second (default: max)")
+    prod.add_argument("--encoding", choices=["binary", "json"], default="binary")
 
     ds = sub.add_parser("datasets", help="write the ready-made NPZ streams")
     ds.add_argument("--out", type=Path, default=Path("data"), help="directory (default ./data)")
@@ -188,6 +195,22 @@ def render_table(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cmd_produce(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from streamcl.data import load_stream
+    from streamcl.stream.producer import produce_stream
+
+    if args.rate is not None and not args.rate > 0:
+        raise UsageError(f"--rate {args.rate}: must be > 0 messages per second")
+    stream = load_stream(args.data)
+    with tqdm(total=len(stream), unit="msg", file=sys.stderr, desc=args.topic) as bar:
+        sent = produce_stream(stream, args.bootstrap, args.topic, encoding=args.encoding,
+                              rate=args.rate, progress=bar.update)
+    print(f"{sent} messages sent to {args.topic}")
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from streamcl.data import FMNIST_DIR, write_datasets
 
@@ -206,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        return {"simulate": cmd_simulate, "datasets": cmd_datasets}[args.command](args)
+        commands = {"simulate": cmd_simulate, "produce": cmd_produce, "datasets": cmd_datasets}
+        return commands[args.command](args)
     except (UsageError, DataError, ValueError) as exc:
         print(f"streamcl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
