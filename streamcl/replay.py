@@ -1,0 +1,87 @@
+"""Rebuild a learner's state from its journal (audit, debugging, "what was the model at seq k").
+
+:func:`replay` starts from scratch (the ``trainer_config`` of the journal's first ``start``
+entry that carries one, or the one given) or from the newest valid snapshot covering at most
+``to_seq``, and re-applies every journaled ``batch`` entry up to ``to_seq`` exactly as the
+service's recovery does (:func:`streamcl.service.apply_batch_entry`: same ranges, same decoded
+batches, same plans checked). Since training is deterministic, the result's
+:func:`~streamcl.state.state_sha256` equals the live service's after the same entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from streamcl.service import apply_batch_entry
+from streamcl.state import state_sha256
+from streamcl.stream.consumer import BatchConsumer
+from streamcl.stream.journal import Journal, journal_topic
+from streamcl.stream.messages import Decoder
+from streamcl.stream.snapshots import SnapshotError, SnapshotStore
+from streamcl.trainer import OnlineTrainer, TrainerConfig
+
+
+def replay_trainer(bootstrap: str, name: str, topic: str, to_seq: int | None = None,
+                   snapshot_dir: str | None = None, config: TrainerConfig | None = None,
+                   progress: Callable[[int], Any] | None = None, *,
+                   encoding: str | None = None,
+                   client_config: dict[str, Any] | None = None) -> tuple[OnlineTrainer, int]:
+    """The trainer as of journal entry ``to_seq`` (``None``: the end) and the number of batch
+    entries applied. ``progress(seq)`` is called after each applied batch entry."""
+    journal = Journal(bootstrap, journal_topic(name), client_config, create=False)
+    try:
+        start = None
+        if config is None or encoding is None:
+            start = next((e for e in journal.read(to_seq=to_seq)
+                          if e["type"] == "start" and "trainer_config" in e), None)
+        if config is None:
+            if start is None:
+                raise ValueError(f"{journal.topic}: no start entry with a config (before seq "
+                                 f"{to_seq}); pass config=")
+            config = TrainerConfig.from_json(start["trainer_config"])
+        if encoding is None:
+            encoding = (start or {}).get("encoding", "auto")
+        trainer, covers = None, -1
+        if snapshot_dir is not None:
+            store = SnapshotStore(snapshot_dir)
+            for info in store.list():
+                if to_seq is not None and info.covers_seq > to_seq:
+                    continue
+                with contextlib.suppress(SnapshotError):
+                    _, state = store.load(info.covers_seq)
+                    trainer, covers = OnlineTrainer.from_state(state), info.covers_seq
+                    break
+            if trainer is not None and trainer.config.to_json() != config.to_json():
+                raise ValueError(f"snapshot {covers} has a different configuration")
+        if trainer is None:
+            trainer = OnlineTrainer(config)
+        consumer = BatchConsumer(bootstrap, topic, f"streamcl-replay-{uuid.uuid4().hex[:12]}",
+                                 Decoder(config.input_shape, encoding=encoding),
+                                 client_config=client_config)
+        batches = 0
+        try:
+            if to_seq is None or to_seq > covers:
+                for entry in journal.read(from_seq=covers + 1, to_seq=to_seq):
+                    if entry["type"] == "batch":
+                        apply_batch_entry(trainer, consumer, entry)
+                        batches += 1
+                        if progress is not None:
+                            progress(entry["seq"])
+        finally:
+            consumer.close()
+        return trainer, batches
+    finally:
+        journal.close()
+
+
+def replay(bootstrap: str, name: str, topic: str, to_seq: int | None = None,
+           snapshot_dir: str | None = None, config: TrainerConfig | None = None,
+           progress: Callable[[int], Any] | None = None, *, encoding: str | None = None,
+           client_config: dict[str, Any] | None = None) -> tuple[str, int]:
+    """``(state_sha256, batch entries applied)`` of the state rebuilt up to ``to_seq``."""
+    trainer, batches = replay_trainer(bootstrap, name, topic, to_seq, snapshot_dir, config,
+                                      progress, encoding=encoding, client_config=client_config)
+    return state_sha256(trainer.state_dict()), batches
