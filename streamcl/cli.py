@@ -1,4 +1,4 @@
-"""Command line: ``streamcl simulate``, ``streamcl produce`` and ``streamcl datasets``.
+"""Command line: ``simulate``, ``produce``, ``run``, ``replay`` and ``datasets``.
 
 Every user error — a bad option, an unknown strategy parameter, a malformed data file — ends
 in one line naming the problem and the fix, and exit code 2. Tracebacks are for bugs.
@@ -96,6 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
     prod.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers (host:port)")
     prod.add_argument("--rate", type=float, default=None, help="messages per second (default: max)")
     prod.add_argument("--encoding", choices=["binary", "json"], default="binary")
+
+    run = sub.add_parser("run", help="run the streaming trainer service")
+    run.add_argument("--config", type=Path, help="settings file (YAML); STREAMCL_* env wins")
+
+    rep = sub.add_parser("replay", help="rebuild the trainer's state from the journal")
+    rep.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers (host:port)")
+    rep.add_argument("--name", default="streamcl", help="service name (journal <name>.journal)")
+    rep.add_argument("--topic", required=True, help="the input topic the journal refers to")
+    rep.add_argument("--to-seq", type=int, default=None, help="last journal entry to apply")
+    rep.add_argument("--snapshot-dir", type=Path, help="start from the newest usable snapshot")
 
     ds = sub.add_parser("datasets", help="write the ready-made NPZ streams")
     ds.add_argument("--out", type=Path, default=Path("data"), help="directory (default ./data)")
@@ -211,6 +221,49 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import contextlib
+    import threading
+
+    from streamcl.service import TrainerService, install_sigterm
+    from streamcl.settings import load_settings
+    from streamcl.stream.broker import EmbeddedBroker, ensure_topics
+
+    settings = load_settings(args.config)
+    config = settings.trainer_config()
+    stop = threading.Event()
+    install_sigterm(stop)  # SIGTERM drains: finish the batch, snapshot, commit, exit 0
+    with contextlib.ExitStack() as stack:
+        bootstrap, client = settings.bootstrap_servers, settings.kafka_client_config()
+        if bootstrap is None:
+            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
+            print(f"streamcl: embedded broker at {bootstrap}", file=sys.stderr, flush=True)
+        ensure_topics(bootstrap, [settings.topic], client_config=client)
+        service = TrainerService(
+            config, bootstrap=bootstrap, topic=settings.topic, name=settings.name,
+            group_id=settings.group_id or settings.name, snapshot_dir=str(settings.snapshot_dir),
+            encoding=settings.encoding, batch_size=settings.batch_size,
+            max_wait_s=settings.max_wait_s, snapshot_every_batches=settings.snapshot_every_batches,
+            keep_snapshots=settings.keep_snapshots, client_config=client)
+        summary = service.run(stop)
+        summary["state_sha256"] = service.state_sha256()
+    print(json.dumps(_json_safe(summary), default=str))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from streamcl.replay import replay
+
+    with tqdm(unit="batches", file=sys.stderr, desc="replay") as bar:
+        sha, batches = replay(args.bootstrap, args.name, args.topic, to_seq=args.to_seq,
+                              snapshot_dir=str(args.snapshot_dir) if args.snapshot_dir else None,
+                              progress=lambda _seq: bar.update(1))
+    print(f"{sha}  ({batches} batches replayed)")
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from streamcl.data import FMNIST_DIR, write_datasets
 
@@ -229,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
-        commands = {"simulate": cmd_simulate, "produce": cmd_produce, "datasets": cmd_datasets}
+        commands = {"simulate": cmd_simulate, "produce": cmd_produce, "run": cmd_run,
+                    "replay": cmd_replay, "datasets": cmd_datasets}
         return commands[args.command](args)
     except (UsageError, DataError, ValueError) as exc:
         print(f"streamcl: error: {exc}", file=sys.stderr)

@@ -1,0 +1,116 @@
+"""The service's settings: one pydantic-settings model, from a YAML file and the environment.
+
+Every setting can come from ``streamcl run --config FILE.yaml`` or from an environment variable
+``STREAMCL_<NAME>`` (``STREAMCL_BATCH_SIZE=64``; dicts and lists as JSON,
+``STREAMCL_PARAMS='{"mem_size": 500}'``); the environment wins, so a container can override a
+baked-in file. An invalid setting fails at start with one line naming it.
+
+>>> s = Settings(input_shape=[784], strategy="er", params={"mem_size": 200})
+>>> s.trainer_config().strategy, s.group_id or s.name
+('er', 'streamcl')
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from streamcl.trainer import TrainerConfig
+
+
+class SettingsError(ValueError):
+    """An invalid setting: the message names it, where it came from, and what is wrong."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STREAMCL_", extra="forbid")
+
+    # Kafka: no bootstrap servers means "start the embedded broker"
+    bootstrap_servers: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = "PLAINTEXT"
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    sasl_mechanism: str | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    topic: str = Field("samples", min_length=1)
+    name: str = Field("streamcl", min_length=1, description="journal topic is <name>.journal")
+    group_id: str | None = None
+    encoding: Literal["binary", "json"] = "binary"
+    # micro-batches and snapshots
+    batch_size: PositiveInt = 32
+    max_wait_s: PositiveFloat = 0.5
+    snapshot_dir: Path = Path("snapshots")
+    snapshot_every_batches: PositiveInt = 100
+    keep_snapshots: PositiveInt = 3
+    # the learner (see `streamcl simulate --help` for the meaning of each)
+    input_shape: list[PositiveInt]
+    model: str = "mlp"
+    hidden: list[PositiveInt] = [256, 256]
+    strategy: str = "der++"
+    params: dict[str, Any] = {}
+    lr: PositiveFloat = 0.05
+    momentum: float = Field(0.0, ge=0)
+    boundaries: str = "drift"
+    detector: str = "adwin"
+    detector_params: dict[str, Any] = {}
+    min_length: int = Field(0, ge=0)
+    cooldown: int = Field(0, ge=0)
+    monitor: Literal["error", "loss"] = "error"
+    seed: int = 0
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return env_settings, init_settings  # the environment overrides the file
+
+    def trainer_config(self) -> TrainerConfig:
+        return TrainerConfig(
+            input_shape=tuple(self.input_shape), model=self.model, hidden=tuple(self.hidden),
+            strategy=self.strategy, params=dict(self.params), lr=self.lr,
+            momentum=self.momentum, boundaries=self.boundaries, detector=self.detector,
+            detector_params=dict(self.detector_params), min_length=self.min_length,
+            cooldown=self.cooldown, monitor=self.monitor, seed=self.seed)
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        from streamcl.stream.broker import kafka_config
+
+        return kafka_config(
+            security_protocol=self.security_protocol, ssl_cafile=self.ssl_cafile,
+            ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+            sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_plain_username,
+            sasl_plain_password=self.sasl_plain_password)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from a YAML file (optional), the environment, and explicit overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise SettingsError(f"--config {path}: no such file") from None
+        except yaml.YAMLError as exc:
+            raise SettingsError(f"--config {path}: not valid YAML ({exc})".replace("\n", " ")
+                                ) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise SettingsError(f"--config {path}: must be a mapping of setting: value")
+        values.update(loaded or {})
+    values.update(overrides)
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "?"
+        where = f"STREAMCL_{field.split('.')[0].upper()} or {field!r} in the config file"
+        raise SettingsError(f"setting {field} ({where}): {err['msg']}") from None

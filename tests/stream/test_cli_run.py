@@ -1,0 +1,106 @@
+"""`streamcl run` (settings from YAML + environment, SIGTERM drain) and `streamcl replay`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamcl.cli import main
+from streamcl.data import Stream
+from streamcl.stream.journal import Journal, journal_topic
+from streamcl.stream.producer import produce_stream
+
+
+def _stream(n: int = 200) -> Stream:
+    rng = np.random.default_rng(3)
+    return Stream(rng.integers(0, 256, (n, 16), dtype=np.uint8),
+                  rng.integers(0, 4, n).astype(np.int64))
+
+
+def _wait_for_samples(bootstrap: str, name: str, proc: subprocess.Popen, n: int) -> None:
+    """Poll the journal until its batch entries cover ``n`` samples (bounded; fails if the
+    service dies first)."""
+    deadline = time.monotonic() + 60
+    with Journal(bootstrap, journal_topic(name)) as journal:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            done = sum(e.get("samples", 0) for e in journal.read() if e["type"] == "batch")
+            if done >= n:
+                return
+            time.sleep(0.1)  # polling interval, not synchronisation
+    pytest.fail(f"the service did not train {n} samples in time")
+
+
+def test_run_trains_drains_on_sigterm_and_replay_agrees(tmp_path: Path, kafka_bootstrap: str,
+                                                       topic: str, capsys) -> None:
+    data = _stream()
+    produce_stream(data, kafka_bootstrap, topic)
+    name = f"svc-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "streamcl.yaml"
+    config.write_text(f"topic: {topic}\nname: {name}\ninput_shape: [16]\nhidden: [8]\n"
+                      "strategy: er\nbatch_size: 999\nsnapshot_every_batches: 3\n")
+    env = {**os.environ, "STREAMCL_BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "STREAMCL_BATCH_SIZE": "20",  # the environment overrides the file's 999
+           "STREAMCL_SNAPSHOT_DIR": str(tmp_path / "snaps")}
+    proc = subprocess.Popen([sys.executable, "-m", "streamcl.cli", "run", "--config",
+                             str(config)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_samples(kafka_bootstrap, name, proc, len(data))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["samples"] == len(data)
+    with Journal(kafka_bootstrap, journal_topic(name)) as journal:
+        last = journal.last()
+        sizes = [e["samples"] for e in journal.read() if e["type"] == "batch"]
+    assert max(sizes) == 20 and sum(sizes) == len(data)  # STREAMCL_BATCH_SIZE beat the file
+    assert last is not None and last["type"] == "snapshot"   # drained: snapshot last
+    assert list(Path(tmp_path / "snaps").glob("snapshot-*.safetensors"))
+
+    assert main(["replay", "--bootstrap", kafka_bootstrap, "--name", name, "--topic",
+                 topic]) == 0
+    assert capsys.readouterr().out.split()[0] == summary["state_sha256"]
+
+
+def test_run_refuses_an_invalid_setting_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("input_shape: [16]\nbatch_size: -3\n")
+    proc = subprocess.run([sys.executable, "-m", "streamcl.cli", "run", "--config",
+                           str(config)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "batch_size" in lines[0], proc.stderr
+
+
+def test_run_without_bootstrap_starts_and_stops_the_embedded_broker(tmp_path: Path) -> None:
+    config = tmp_path / "streamcl.yaml"
+    config.write_text(f"input_shape: [16]\nhidden: [8]\nsnapshot_dir: {tmp_path / 's'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCL_")}
+    proc = subprocess.Popen([sys.executable, "-m", "streamcl.cli", "run", "--config",
+                             str(config)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()  # blocks until the service announces its broker
+        assert first.startswith("streamcl: embedded broker at 127.0.0.1:"), first
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["samples"] == 0
