@@ -1,4 +1,4 @@
-"""Command line: ``simulate``, ``produce``, ``run``, ``replay`` and ``datasets``.
+"""Command line: ``simulate``, ``produce``, ``run``, ``demo``, ``replay`` and ``datasets``.
 
 Every user error — a bad option, an unknown strategy parameter, a malformed data file — ends
 in one line naming the problem and the fix, and exit code 2. Tracebacks are for bugs.
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the streaming trainer service")
     run.add_argument("--config", type=Path, help="settings file (YAML); STREAMCL_* env wins")
+
+    demo = sub.add_parser("demo", help="the whole pipeline on an embedded broker, in minutes")
+    demo.add_argument("--data", choices=["auto", "fmnist", "digits"], default="auto",
+                      help="split Fashion-MNIST when installed (auto), or split digits")
+    demo.add_argument("--strategy", default="der++")
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
     rep = sub.add_parser("replay", help="rebuild the trainer's state from the journal")
     rep.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers (host:port)")
@@ -251,6 +257,81 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Produce a split data set with task switches into a topic on an embedded broker, train
+    on it through the real service (journal, snapshots, drift-detected boundaries), report."""
+    import tempfile
+    import threading
+    import time
+    import uuid
+
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from streamcl.data import DataError, digits, fashion_mnist, split_stream
+    from streamcl.service import TrainerService, install_sigterm
+    from streamcl.stream.broker import EmbeddedBroker
+    from streamcl.stream.producer import produce_stream
+    from streamcl.trainer import TrainerConfig
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    source = None
+    if args.data in ("auto", "fmnist"):
+        try:
+            raw_train, raw_test = fashion_mnist()
+            source, train = "split Fashion-MNIST", split_stream(raw_train)
+        except DataError:
+            if args.data == "fmnist":
+                raise
+    if source is None:
+        raw_train, raw_test = digits()
+        source, train = "split digits", split_stream(raw_train, passes=5)
+    test = split_stream(raw_test, shuffle=False)
+    switches = (np.flatnonzero(np.diff(train.task)) + 1).tolist()
+    config = TrainerConfig(input_shape=train.input_shape, strategy=args.strategy,
+                           boundaries="drift")
+    stop = threading.Event()
+    install_sigterm(stop)
+    topic, name = "demo.samples", f"demo-{uuid.uuid4().hex[:8]}"
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as snapdir:
+        print(f"embedded broker at {broker.bootstrap}; streaming {source}: {len(train)} samples, "
+              f"true task switches at {switches}", file=sys.stderr)
+        with tqdm(total=len(train), unit="msg", file=sys.stderr, desc="produce") as bar:
+            produce_stream(train, broker.bootstrap, topic, progress=bar.update)
+        service = TrainerService(config, bootstrap=broker.bootstrap, topic=topic, name=name,
+                                 group_id=name, snapshot_dir=snapdir, batch_size=32,
+                                 max_wait_s=0.5, snapshot_every_batches=200)
+        bar = tqdm(total=len(train), unit="samples", file=sys.stderr, desc=f"train {args.strategy}")
+        deadline = time.monotonic() + 600
+
+        def done(svc: TrainerService) -> bool:
+            trained = svc.trainer.position if svc.trainer is not None else 0
+            bar.update(trained - bar.n)
+            return trained >= len(train) or time.monotonic() > deadline
+
+        t0 = time.perf_counter()
+        summary = service.run(stop, until=done)
+        seconds = time.perf_counter() - t0
+        bar.close()
+    trainer = service.trainer
+    assert trainer is not None
+    trainer.prepare_inference()
+    accuracy = float((trainer.predict(torch.from_numpy(test.x)).numpy() == test.y).mean())
+    found = [b.index for b in trainer.boundaries]
+    print(f"data               {source}, {trainer.position} samples trained "
+          f"({summary['rejected']} rejected)")
+    print(f"throughput         {trainer.position / seconds:,.0f} samples/s end to end "
+          f"(Kafka -> journal -> {args.strategy}), {seconds:.1f} s incl. group join")
+    print(f"true switches      {switches}")
+    print(f"drift boundaries   {found}  ({len(found)} found by ADWIN)")
+    print(f"prequential acc.   {100 * trainer.prequential_accuracy:.1f}%")
+    print(f"test accuracy      {100 * accuracy:.1f}% on {len(test)} samples, all classes")
+    print(f"state sha256       {service.state_sha256()}")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -283,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         commands = {"simulate": cmd_simulate, "produce": cmd_produce, "run": cmd_run,
-                    "replay": cmd_replay, "datasets": cmd_datasets}
+                    "demo": cmd_demo, "replay": cmd_replay, "datasets": cmd_datasets}
         return commands[args.command](args)
     except (UsageError, DataError, ValueError) as exc:
         print(f"streamcl: error: {exc}", file=sys.stderr)

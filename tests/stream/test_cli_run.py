@@ -104,3 +104,15 @@ def test_run_without_bootstrap_starts_and_stops_the_embedded_broker(tmp_path: Pa
             proc.kill()
     assert proc.returncode == 0, err
     assert json.loads(out.strip().splitlines()[-1])["samples"] == 0
+
+
+def test_demo_finds_the_task_switches_through_the_whole_pipeline(capsys) -> None:
+    assert main(["demo", "--data", "digits", "--threads", "1"]) == 0
+    out = {line[:19].strip(): line[19:].strip()
+           for line in capsys.readouterr().out.splitlines() if line.strip()}
+    true = json.loads(out["true switches"])
+    found = json.loads(out["drift boundaries"].split("  (")[0])
+    assert out["data"].startswith("split digits, 6735 samples trained")
+    for switch in true:  # each switch found by ADWIN within two batches
+        assert any(switch <= b <= switch + 64 for b in found), (switch, found)
+    assert float(out["test accuracy"].split("%")[0]) > 40.0
