@@ -250,6 +250,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             group_id=settings.group_id or settings.name, snapshot_dir=str(settings.snapshot_dir),
             encoding=settings.encoding, batch_size=settings.batch_size,
             max_wait_s=settings.max_wait_s, snapshot_every_batches=settings.snapshot_every_batches,
+            snapshot_every_s=settings.snapshot_every_s,
             keep_snapshots=settings.keep_snapshots, client_config=client)
         summary = service.run(stop)
         summary["state_sha256"] = service.state_sha256()

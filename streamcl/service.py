@@ -10,10 +10,11 @@ The service is the event-sourced loop of :mod:`streamcl.stream.journal`:
    :func:`streamcl.replay.replay` can rebuild from scratch).
 2. :meth:`TrainerService.step_once` polls one micro-batch, plans it, appends the ``batch``
    entry (durable before it takes effect), then applies the boundary and learns.
-3. Every ``snapshot_every_batches`` batches (and on a clean stop) :meth:`TrainerService.snapshot`
-   saves the trainer state with the last applied seq and the next input offsets, journals a
-   ``snapshot`` entry and commits the consumer-group offsets (which only follow snapshots: the
-   journal is the truth, the group offsets are a convenience for other tools).
+3. Every ``snapshot_every_batches`` batches or ``snapshot_every_s`` seconds (and on a clean
+   stop) :meth:`TrainerService.snapshot` saves the trainer state with the last applied seq and
+   the next input offsets, journals a ``snapshot`` entry and commits the consumer-group
+   offsets (which only follow snapshots: the journal is the truth, the group offsets are a
+   convenience for other tools).
 
 A crash anywhere loses nothing: a batch journaled but not learned is re-learned by recovery;
 a batch polled but not journaled is polled again, since recovery seeks to the journal's end.
@@ -84,6 +85,7 @@ class TrainerService:
     def __init__(self, config: TrainerConfig, *, bootstrap: str, topic: str, group_id: str,
                  name: str, snapshot_dir: str, encoding: str = "binary", batch_size: int = 32,
                  max_wait_s: float = 0.5, snapshot_every_batches: int = 100,
+                 snapshot_every_s: float | None = None,
                  keep_snapshots: int = 3, client_config: dict[str, Any] | None = None,
                  session_timeout_ms: int = 10_000) -> None:
         if batch_size < 1:
@@ -97,6 +99,8 @@ class TrainerService:
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
         self.snapshot_every_batches = snapshot_every_batches
+        self.snapshot_every_s = snapshot_every_s
+        self._last_snapshot_t = time.monotonic()
         self.snapshots = SnapshotStore(snapshot_dir, keep=keep_snapshots)
         self.journal = Journal(bootstrap, journal_topic(name), client_config)
         try:
@@ -186,6 +190,8 @@ class TrainerService:
             raise RuntimeError("call recover() first")
         batch = self.consumer.poll_batch(self.batch_size, self.max_wait_s)
         if batch is None:
+            if self._snapshot_due():  # quiet stream: still bound the journal left to replay
+                self.snapshot()
             return False
         stale = {p: first for p, (first, _) in batch.ranges.items()
                  if p in self.offsets and first != self.offsets[p]}
@@ -210,9 +216,13 @@ class TrainerService:
         self.samples += len(batch)
         self.rejected += batch.rejected
         self._since_snapshot += 1
-        if self._since_snapshot >= self.snapshot_every_batches:
+        if self._since_snapshot >= self.snapshot_every_batches or self._snapshot_due():
             self.snapshot()
         return True
+
+    def _snapshot_due(self) -> bool:
+        return (self.snapshot_every_s is not None and self._since_snapshot > 0
+                and time.monotonic() - self._last_snapshot_t >= self.snapshot_every_s)
 
     def snapshot(self) -> dict[str, Any] | None:
         """Save the state covering every journal entry so far; journal it; commit offsets.
@@ -227,9 +237,11 @@ class TrainerService:
         offsets = dict(self.offsets)
         info = self.snapshots.save(self.trainer.state_dict(), covers_seq=covers, offsets=offsets)
         entry = snapshot_entry(info.path, info.sha256, covers, offsets)
-        self.journal.append(entry)
-        self._snapshot_seq = covers
+        # the snapshot's own entry adds nothing to replay: a later snapshot() with no new batch
+        # must see "nothing new", not write the same state again
+        self._snapshot_seq = self.journal.append(entry)
         self._since_snapshot = 0
+        self._last_snapshot_t = time.monotonic()
         if offsets:
             self.consumer.commit(offsets)
         return entry

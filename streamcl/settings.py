@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     max_wait_s: PositiveFloat = 0.5
     snapshot_dir: Path = Path("snapshots")
     snapshot_every_batches: PositiveInt = 100
+    snapshot_every_s: PositiveFloat | None = 60.0
     keep_snapshots: PositiveInt = 3
     # the learner (see `streamcl simulate --help` for the meaning of each)
     input_shape: list[PositiveInt]
