@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 _TENSOR = "__tensor__"
 _INTKEYS = "__intkeys__"
@@ -92,17 +92,24 @@ def unflatten(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return walk(skeleton)
 
 
+def dump_state(tree: Any) -> bytes:
+    """``tree`` as the bytes of one safetensors file (the skeleton JSON in its metadata)."""
+    skeleton, tensors = flatten(tree)
+    return save(tensors, metadata={_META_KEY: json.dumps(skeleton, sort_keys=True)})
+
+
 def save_state(tree: Any, path: str | os.PathLike[str]) -> None:
     """Write ``tree`` to ``path`` as one safetensors file (skeleton JSON in its metadata).
 
     The write is atomic: a temporary file in the same directory, fsync, then rename, so a
     reader or a crash never sees half a state.
     """
-    skeleton, tensors = flatten(tree)
+    data = dump_state(tree)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(skeleton, sort_keys=True)})
-    with open(tmp, "rb") as fh:
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
 

@@ -150,19 +150,21 @@ def test_save_writes_a_sibling_file_and_renames_it_over_the_target(
     save_state({"v": torch.zeros(1000), "tag": "old"}, path)
     old = path.read_bytes()
     written: list[tuple[Path, bool, bool]] = []
-    real_save_file = streamcl.state.save_file
+    real_replace = os.replace
 
-    def save_file_and_look(tensors, filename, metadata=None):
+    def replace_and_look(src, dst):
+        # at the rename the new bytes are complete in `src`; the target must still be old
         intact_before = path.read_bytes() == old
-        real_save_file(tensors, filename, metadata=metadata)
-        written.append((Path(filename), intact_before, path.read_bytes() == old))
+        complete = load_state(src)["tag"] == "new"
+        written.append((Path(src), intact_before, complete))
+        real_replace(src, dst)
 
-    monkeypatch.setattr(streamcl.state, "save_file", save_file_and_look)
+    monkeypatch.setattr(streamcl.state.os, "replace", replace_and_look)
     save_state({"v": torch.ones(1000), "tag": "new"}, path)
     assert len(written) == 1
-    target, intact_before, intact_after = written[0]
+    target, intact_before, complete = written[0]
     assert target != path and target.parent == path.parent  # same filesystem: rename is atomic
-    assert intact_before and intact_after
+    assert intact_before and complete
     assert load_state(path)["tag"] == "new"
     assert sorted(os.listdir(tmp_path)) == ["snap.safetensors"]
 

@@ -4,7 +4,7 @@ A snapshot is the trainer's ``state_dict()`` after journal entry ``covers_seq`` 
 (:mod:`streamcl.stream.journal`: recovery loads it and replays the entries after it), with the
 input offsets to continue from. In the store's directory it is two files:
 
-* ``snapshot-<covers_seq:012d>.safetensors``: the state (:func:`streamcl.state.save_state`:
+* ``snapshot-<covers_seq:012d>.safetensors``: the state (:func:`streamcl.state.dump_state`:
   tensors and a JSON skeleton, no pickle, nothing executes on load);
 * ``snapshot-<covers_seq:012d>.json``, the sidecar: ``covers_seq``, ``offsets`` (next input
   offset per partition, string keys), ``sha256`` and ``size`` of the state file's bytes,
@@ -40,13 +40,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from streamcl.state import load_state, save_state
+from streamcl.state import dump_state, load_state
 
 log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = 1
 _NAME = re.compile(r"^snapshot-(\d{12})\.(safetensors|json)$")
-_TEMP = re.compile(r"^\.+snapshot-\d{12}\.")  # temporary files: ours, and save_state's in them
+_TEMP = re.compile(r"^\.+snapshot-\d{12}\.")  # temporary files of an interrupted write
 
 
 @dataclass(frozen=True)
@@ -127,16 +127,9 @@ class SnapshotStore:
         if sidecar.exists():
             sidecar.unlink()
             _fsync_dir(self.directory)
-        tmp = self._temp(path)
-        try:
-            save_state(state, tmp)
-            digest, size = _digest(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        _fsync_dir(self.directory)
+        data = dump_state(state)
+        digest, size = hashlib.sha256(data).hexdigest(), len(data)
+        _write_atomic(path, data, self._temp(path))
         stat = path.stat()
         self._verified[(path.name, stat.st_size, stat.st_mtime_ns)] = digest
         info = SnapshotInfo(covers_seq=covers_seq, offsets=offsets, sha256=digest, size=size,
