@@ -1,4 +1,4 @@
-"""Command line: ``simulate``, ``produce``, ``run``, ``demo``, ``replay`` and ``datasets``.
+"""Command line: `simulate`, `produce`, `run`, `demo`, `replay`, `datasets` and `registry`.
 
 Every user error — a bad option, an unknown strategy parameter, a malformed data file — ends
 in one line naming the problem and the fix, and exit code 2. Tracebacks are for bugs.
@@ -116,6 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("datasets", help="write the ready-made NPZ streams")
     ds.add_argument("--out", type=Path, default=Path("data"), help="directory (default ./data)")
     ds.add_argument("--seed", type=int, default=0)
+
+    reg = sub.add_parser("registry", help="list, show, promote, roll back and diff models")
+    reg.add_argument("--registry", dest="registry_location", metavar="LOCATION",
+                     help="registry directory or URL (default: the config's registry setting, "
+                          "else ./registry)")
+    reg.add_argument("--config", type=Path, help="service settings (YAML): registry, Kafka, name")
+    reg.add_argument("--bootstrap-servers", help="Kafka bootstrap servers: announce promotions "
+                     "and rollbacks on <name>.models so watchers swap at once")
+    reg.add_argument("--name", help="service name (default: the config's, else streamcl)")
+    rsub = reg.add_subparsers(dest="registry_command", required=True, parser_class=_Parser,
+                              metavar="{list,show,promote,rollback,diff}")
+    rsub.add_parser("list", help="every version, with its aliases")
+    show = rsub.add_parser("show", help="a version's manifest as JSON")
+    show.add_argument("version", help="7 or v7")
+    promote = rsub.add_parser("promote", help="point an alias at a version")
+    promote.add_argument("version", help="7 or v7")
+    promote.add_argument("--alias", default="production")
+    back = rsub.add_parser("rollback", help="move an alias back to its previous version")
+    back.add_argument("--to", help="this version instead of the previous one")
+    back.add_argument("--alias", default="production")
+    diff = rsub.add_parser("diff", help="how version B differs from version A")
+    diff.add_argument("a", help="7 or v7")
+    diff.add_argument("b", help="7 or v7")
+    diff.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -359,13 +383,138 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry_version(text: str) -> int:
+    from streamcl.registry import parse_version
+
+    try:
+        return parse_version(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    """``streamcl registry``: the operator's view of the model registry. Promote and rollback
+    move an alias and, when Kafka is known, announce it so watching services swap at once."""
+    from datetime import UTC, datetime
+
+    from streamcl.registry import ModelRegistry, format_version
+
+    location, bootstrap, name, client = args.registry_location, args.bootstrap_servers, \
+        args.name, {}
+    if args.config is not None:
+        from streamcl.settings import load_settings
+
+        settings = load_settings(args.config)
+        location = location or str(getattr(settings, "registry", "registry"))
+        bootstrap = bootstrap or settings.bootstrap_servers
+        name = name or settings.name
+        client = settings.kafka_client_config()
+    location = location or "registry"
+    registry = ModelRegistry(location)
+    versions = registry.versions()
+    if not versions:
+        raise UsageError(f"--registry {location}: no registry there (no published versions)")
+    aliases = registry.aliases()
+    command = args.registry_command
+
+    if command == "list":
+        by_version: dict[int, list[str]] = {}
+        for alias, v in aliases.items():
+            by_version.setdefault(v, []).append(alias)
+        rows = [("version", "created (UTC)", "position", "holdout acc.", "aliases", "parent")]
+        for v in versions:
+            m = registry.manifest(v)
+            created = (datetime.fromtimestamp(m["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+                       if isinstance(m.get("created_at"), int | float) else "-")
+            position = f"{m['position']:,}" if isinstance(m.get("position"), int) else "-"
+            metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
+            holdout = metrics.get("holdout_accuracy")
+            if holdout is None and isinstance(metrics.get("holdout"), dict):
+                holdout = metrics["holdout"].get("accuracy")
+            parent = m.get("parent")
+            rows.append((format_version(v), created, position,
+                         _pct(holdout).strip() if isinstance(holdout, int | float) else "-",
+                         ",".join(by_version.get(v, [])) or "-",
+                         format_version(parent) if isinstance(parent, int) else "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        return 0
+    if command == "show":
+        print(json.dumps(registry.manifest(_registry_version(args.version)), indent=2,
+                         sort_keys=True))
+        return 0
+    if command == "diff":
+        d = registry.diff(_registry_version(args.a), _registry_version(args.b))
+        print(json.dumps(_json_safe(d), indent=2) if args.json else _render_diff(d))
+        return 0
+
+    # promote / rollback: move the alias, then announce it
+    before = aliases.get(args.alias)
+    if command == "promote":
+        event, target = "promote", _registry_version(args.version)
+        registry.promote(target, alias=args.alias)
+    else:
+        event = "rollback"
+        target = registry.rollback(args.alias, to=_registry_version(args.to) if args.to else None)
+    was = f" (was {format_version(before)})" if before is not None else ""
+    print(f"{args.alias} -> {format_version(target)}{was}")
+    if bootstrap is None:
+        print("not announced (no --bootstrap-servers): polling watchers see it at their next "
+              "poll", file=sys.stderr)
+        return 0
+    from kafka.errors import KafkaError
+
+    from streamcl.registry import Announcer, announcement
+
+    try:
+        with Announcer(bootstrap, name or "streamcl", client, timeout_s=10.0) as announcer:
+            announcer.announce(announcement(event, target, alias=args.alias,
+                                            registry=registry.url))
+    except (KafkaError, OSError) as exc:
+        print(f"streamcl: error: {args.alias} moved to {format_version(target)}, but the "
+              f"announcement on {name or 'streamcl'}.models failed ({exc}); watchers see it at "
+              "their next resync", file=sys.stderr)
+        return 1
+    print(f"announced on {name or 'streamcl'}.models", file=sys.stderr)
+    return 0
+
+
+def _render_diff(d: dict[str, Any]) -> str:
+    def short(v: Any) -> str:
+        text = json.dumps(_json_safe(v), sort_keys=True)
+        return text if len(text) <= 70 else text[:67] + "..."
+
+    lines = [f"v{d['a']} -> v{d['b']}"]
+    if d["fields"]:
+        lines.append("fields")
+        width = max(map(len, d["fields"]))
+        lines += [f"  {k.ljust(width)}  {short(v['a'])} -> {short(v['b'])}"
+                  for k, v in d["fields"].items()]
+    if d["metrics"]:
+        lines.append("metrics")
+        width = max(map(len, d["metrics"]))
+        for k, v in d["metrics"].items():
+            delta = f"  ({v['delta']:+.4g})" if v["delta"] is not None else ""
+            lines.append(f"  {k.ljust(width)}  {short(v['a'])}  {short(v['b'])}{delta}")
+    lines.append("weights (L2 distance b - a; common rows where the head grew)")
+    width = max(map(len, d["tensors"]), default=0)
+    for k, v in d["tensors"].items():
+        shape = (f"{v['shape_a']}" if not v["shape_changed"] else
+                 f"{v['shape_a']} -> {v['shape_b']}")
+        l2 = "-" if v["l2"] is None else f"{v['l2']:.6g}"
+        lines.append(f"  {k.ljust(width)}  {shape}  {l2}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from streamcl.data import DataError
 
     try:
         args = build_parser().parse_args(argv)
         commands = {"simulate": cmd_simulate, "produce": cmd_produce, "run": cmd_run,
-                    "demo": cmd_demo, "replay": cmd_replay, "datasets": cmd_datasets}
+                    "demo": cmd_demo, "replay": cmd_replay, "datasets": cmd_datasets,
+                    "registry": cmd_registry}
         return commands[args.command](args)
     except (UsageError, DataError, ValueError) as exc:
         print(f"streamcl: error: {exc}", file=sys.stderr)
