@@ -5,10 +5,16 @@ encoding, one partition) is produced once, then measured in one run:
 
 (a) kafka-python alone: ``BatchConsumer`` consuming and decoding the topic in batches of 32;
 (b) the trainer alone: ``OnlineTrainer`` (naive) on the same batches, in memory;
-(c) end to end: ``TrainerService`` (consume -> decode -> journal (acked) -> train), naive;
+(c) end to end: ``TrainerService`` (consume -> decode -> journal (acked) -> train), naive, with
+    the consumer in its own process (the default) and, for comparison, in the trainer's process;
 (d) recovery: a service stopped without a final snapshot (as after ``kill -9``) with one snapshot
     interval of journal after its last snapshot; a new service's time from start to its first
     live batch, and its replay rate against (c)'s live rate.
+
+Each phase also reports the CPU it used, in core-seconds per 10,000 samples, counting every process
+involved (this one, the prefetching consumer's process, the broker): on a machine with few cores
+the end-to-end rate is bounded by cores / (CPU per sample of (a) + (b) + journal), whatever the
+overlap.
 
 Rates exclude the consumer-group join (tansu joins after ~half the session timeout); the
 restart time (d) includes it, since a restarted service really waits for it.
@@ -19,6 +25,7 @@ restart time (d) includes it, since a restarted service really waits for it.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import threading
@@ -38,7 +45,35 @@ from streamcl.trainer import OnlineTrainer, TrainerConfig
 BATCH = 32
 
 
-def consume_alone(bootstrap: str, topic: str, n: int) -> tuple[float, list]:
+def cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (default: this one, all its threads)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used between ``start`` and ``stop`` by this process and the given other pids."""
+
+    def __init__(self, *pids: int) -> None:
+        self.pids = list(pids)
+
+    def start(self) -> None:
+        self.t0 = {p: cpu_seconds(p) for p in [None, *self.pids]}
+
+    def add(self, pid: int) -> None:
+        self.pids.append(pid)
+        self.t0[pid] = cpu_seconds(pid)
+
+    def stop(self) -> float:
+        return sum(cpu_seconds(p) - t for p, t in self.t0.items())
+
+
+def consume_alone(bootstrap: str, topic: str, n: int, meter: CpuMeter
+                  ) -> tuple[float, float, list]:
     batches, got, t0 = [], 0, None
     with BatchConsumer(bootstrap, topic, f"alone-{uuid.uuid4().hex[:6]}",
                        Decoder((784,), dtypes=("uint8",))) as consumer:
@@ -46,41 +81,53 @@ def consume_alone(bootstrap: str, topic: str, n: int) -> tuple[float, list]:
             mb = consumer.poll_batch(BATCH, 0.5)
             if mb is None:
                 continue
-            t0 = t0 or time.perf_counter()  # the clock starts at the first batch (group joined)
+            if t0 is None:  # the clocks start at the first batch (group joined)
+                t0 = time.perf_counter()
+                meter.start()
             batches.append((mb.x, mb.y))
             got += len(mb)
-    return (got - len(batches[0][1])) / (time.perf_counter() - t0), batches
+        done = got - len(batches[0][1])
+        return done / (time.perf_counter() - t0), meter.stop() / done, batches
 
 
-def train_alone(config: TrainerConfig, batches: list) -> float:
+def train_alone(config: TrainerConfig, batches: list) -> tuple[float, float]:
     trainer = OnlineTrainer(config)
+    meter = CpuMeter()
+    meter.start()
     t0 = time.perf_counter()
     for x, y in batches:
         trainer.step(x, y)
-    return sum(len(y) for _, y in batches) / (time.perf_counter() - t0)
+    n = sum(len(y) for _, y in batches)
+    return n / (time.perf_counter() - t0), meter.stop() / n
 
 
 def service(config: TrainerConfig, bootstrap: str, topic: str, name: str, snapdir: str,
-            every: int) -> TrainerService:
+            every: int, prefetch: bool = True) -> TrainerService:
     return TrainerService(config, bootstrap=bootstrap, topic=topic, name=name, group_id=name,
                           snapshot_dir=f"{snapdir}/{name}", batch_size=BATCH, max_wait_s=0.5,
-                          snapshot_every_batches=every)
+                          snapshot_every_batches=every, prefetch=prefetch)
 
 
-def end_to_end(config, bootstrap, topic, n, snapdir, every) -> tuple[float, str]:
+def end_to_end(config, bootstrap, topic, n, snapdir, every, meter: CpuMeter,
+               prefetch: bool = True) -> tuple[float, float]:
     name = f"e2e-{uuid.uuid4().hex[:6]}"
-    svc = service(config, bootstrap, topic, name, snapdir, every)
+    svc = service(config, bootstrap, topic, name, snapdir, every, prefetch)
     marks: dict[str, float] = {}
 
     def until(s: TrainerService) -> bool:
         pos = s.trainer.position if s.trainer else 0
         if pos and "start" not in marks:
             marks["start"], marks["pos0"] = time.perf_counter(), pos
+            meter.start()
+            if prefetch:
+                meter.add(s.consumer._proc.pid)
+        if pos >= n and "stop" not in marks:
+            marks["stop"], marks["cpu"] = time.perf_counter(), meter.stop()
         return pos >= n
 
     svc.run(threading.Event(), until=until)
-    rate = (n - marks["pos0"]) / (time.perf_counter() - marks["start"])
-    return rate, name
+    done = n - marks["pos0"]
+    return done / (marks["stop"] - marks["start"]), marks["cpu"] / done
 
 
 def recovery(config, bootstrap, topic, n, snapdir, every) -> dict:
@@ -122,15 +169,28 @@ def main() -> int:
         produce_stream(data, broker.bootstrap, topic)
         print(f"produced {n} binary messages at {n / (time.perf_counter() - t0):,.0f}/s",
               flush=True)
-        consume_rate, batches = consume_alone(broker.bootstrap, topic, n)
-        print(f"(a) kafka-python alone, consume + decode: {consume_rate:,.0f} samples/s",
-              flush=True)
-        train_rate = train_alone(config, batches)
-        print(f"(b) trainer alone (naive), same batches:  {train_rate:,.0f} samples/s", flush=True)
-        e2e_rate, _ = end_to_end(config, broker.bootstrap, topic, n, snapdir, args.snapshot_every)
+        bpid = broker.process.pid
+        per10k = 10_000
+        consume_rate, cpu_a, batches = consume_alone(broker.bootstrap, topic, n, CpuMeter(bpid))
+        print(f"(a) kafka-python alone, consume + decode: {consume_rate:,.0f} samples/s "
+              f"({cpu_a * per10k:.2f} core-s per 10k samples, broker included)", flush=True)
+        train_rate, cpu_b = train_alone(config, batches)
+        print(f"(b) trainer alone (naive), same batches:  {train_rate:,.0f} samples/s "
+              f"({cpu_b * per10k:.2f} core-s per 10k samples)", flush=True)
         floor = min(consume_rate, train_rate)
-        print(f"(c) end to end (consume, decode, journal, train): {e2e_rate:,.0f} samples/s = "
-              f"{e2e_rate / floor:.0%} of min(a, b)", flush=True)
+        cores = len(os.sched_getaffinity(0))
+        print(f"    bound on this {cores}-core machine from CPU alone: cores / (a + b) = "
+              f"{cores / (cpu_a + cpu_b):,.0f} samples/s = "
+              f"{cores / (cpu_a + cpu_b) / floor:.0%} of min(a, b)", flush=True)
+        for prefetch in (True, False):
+            rate, cpu_c = end_to_end(config, broker.bootstrap, topic, n, snapdir,
+                                     args.snapshot_every, CpuMeter(bpid), prefetch)
+            label = "consumer process" if prefetch else "consumer in-process"
+            print(f"(c) end to end ({label}; consume, decode, journal, train): {rate:,.0f} "
+                  f"samples/s = {rate / floor:.0%} of min(a, b) ({cpu_c * per10k:.2f} core-s "
+                  f"per 10k samples)", flush=True)
+            if prefetch:
+                e2e_rate = rate
         rec = recovery(config, broker.bootstrap, topic, n, snapdir, args.snapshot_every)
         print(f"(d) restart after a crash: {rec['replayed']} journaled batches replayed in "
               f"{rec['replay_s']:.2f} s ({rec['replay_rate']:,.0f} samples/s = "

@@ -127,7 +127,7 @@ class BatchConsumer:
         self._revoked: set[int] = set()
         self._seek_to: dict[int, int] = {}
         self._producer: KafkaProducer | None = None
-        self._replay: KafkaConsumer | None = None
+        self._replay: RangeReader | None = None
         self._consumer = KafkaConsumer(**{
             **self._config, "bootstrap_servers": bootstrap, "group_id": group_id,
             "enable_auto_commit": False, "value_deserializer": None, "key_deserializer": None})
@@ -176,7 +176,7 @@ class BatchConsumer:
         rejected = [(r, d) for r, d in items if isinstance(d, Rejection)]
         if rejected:
             self._dead_letter(rejected)
-        return self._assemble(items)
+        return assemble(items, self.decoder)
 
     def commit(self, offsets: dict[int, int]) -> None:
         """Commit next-offsets (partition -> offset of the first record *not* yet handled)."""
@@ -199,56 +199,43 @@ class BatchConsumer:
     # -- replay -------------------------------------------------------------------------------
     def read_ranges(self, ranges: dict[int, tuple[int, int]],
                     timeout_s: float = 30.0) -> MicroBatch:
-        """Rebuild the batch of these offset ranges (journal replay), decoded the same way.
+        """Rebuild the batch of these offset ranges (see :meth:`RangeReader.read`)."""
+        if self._replay is None:
+            self._replay = RangeReader(self.bootstrap, self.topic, self.decoder,
+                                       consumer_config=self._config)
+        return self._replay.read_ranges(ranges, timeout_s)
 
-        Rejected messages are skipped again but not re-sent to the dead-letter topic (they were
-        sent when first consumed). Raises ``TimeoutError`` if the records cannot all be read,
-        and kafka-python's ``OffsetOutOfRangeError`` if retention already deleted them.
-        """
-        consumer = self._replay_consumer()
+    def seek_to_beginning(self, timeout_s: float = 30.0) -> dict[int, int]:
+        """Continue the live stream at the start of every partition's log (not at the group's
+        committed offsets); returns the offsets sought."""
+        kc = self._consumer
         deadline = time.monotonic() + timeout_s
-        decode = self.decoder.decode
-        items: list[_Item] = []
-        for p in sorted(ranges):
-            first, last = ranges[p]
-            tp = TopicPartition(self.topic, p)
-            consumer.assign([tp])
-            consumer.seek(tp, first)
-            while consumer.position(tp) <= last:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError(f"could not read offsets {first}..{last} of "
-                                       f"{self.topic}[{p}] within {timeout_s:g} s")
-                records = consumer.poll(timeout_ms=int(remaining * 1000),
-                                        max_records=last - consumer.position(tp) + 1)
-                items.extend((r, decode(r.value, r.headers)) for r in records.get(tp, ())
-                             if first <= r.offset <= last)
-        return self._assemble(items)
+        parts = kc.partitions_for_topic(self.topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.1)  # polling interval of a metadata refresh
+            parts = kc.partitions_for_topic(self.topic)
+        if not parts:
+            return {}
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        offsets = {tp.partition: o for tp, o in kc.beginning_offsets(tps).items()}
+        self.seek(offsets)
+        return offsets
+
+    def lag(self) -> dict[int, int]:
+        """Messages between this consumer's position and each assigned partition's end, as of
+        the last fetch (prefetched, not yet returned records count as consumed)."""
+        out = {}
+        for tp in self._consumer.assignment():
+            high = self._consumer.highwater(tp)
+            if high is not None:
+                with contextlib.suppress(Exception):
+                    out[tp.partition] = max(0, high - self._consumer.position(tp))
+        return out
 
     # -- internals ----------------------------------------------------------------------------
     def _key(self, sample: Sample) -> tuple[Any, ...]:
         """What may not change inside a batch: the element type, and the task if asked."""
         return (sample.x.dtype, sample.task) if self.cut_at_task_change else (sample.x.dtype,)
-
-    def _assemble(self, items: list[_Item]) -> MicroBatch:
-        by_partition: dict[int, list[_Item]] = {}
-        for item in items:  # arrival order is offset order within a partition
-            by_partition.setdefault(item[0].partition, []).append(item)
-        if len(by_partition) > 1:
-            items = [it for p in sorted(by_partition) for it in by_partition[p]]
-        ranges = {p: (its[0][0].offset, its[-1][0].offset) for p, its in by_partition.items()}
-        samples = [d for _, d in items if type(d) is Sample]
-        if samples:
-            x = torch.from_numpy(np.stack([s.x for s in samples]))
-        else:
-            x = torch.empty((0, *self.decoder.input_shape), dtype=torch.float32)
-        y = torch.tensor([s.y for s in samples], dtype=torch.long)
-        tasks = [s.task for s in samples]
-        task = (None if all(t is None for t in tasks) else
-                torch.tensor([-1 if t is None else t for t in tasks], dtype=torch.long))
-        stamps = [r.timestamp for r, _ in items if r.timestamp is not None and r.timestamp >= 0]
-        return MicroBatch(x, y, task, ranges, len(items) - len(samples),
-                          max(stamps) if stamps else None, [s.id for s in samples])
 
     def _drop_revoked(self, items: list[_Item]) -> tuple[int, Any]:
         """Forget records of partitions taken away by a rebalance (whoever is assigned them
@@ -306,22 +293,13 @@ class BatchConsumer:
                                            **self.client_config)
         return self._producer
 
-    def _replay_consumer(self) -> KafkaConsumer:
-        if self._replay is None:
-            # no group, and no silent reset: a range that retention deleted is an error
-            self._replay = KafkaConsumer(**{
-                **self._config, "bootstrap_servers": self.bootstrap, "group_id": None,
-                "enable_auto_commit": False, "auto_offset_reset": "none",
-                "value_deserializer": None, "key_deserializer": None})
-        return self._replay
-
     def close(self) -> None:
         """Leave the group without committing anything, and flush pending dead letters."""
         if self._producer is not None:
             self._producer.close()
             self._producer = None
         if self._replay is not None:
-            self._replay.close(autocommit=False)
+            self._replay.close()
             self._replay = None
         self._consumer.close(autocommit=False)
 
@@ -331,6 +309,75 @@ class BatchConsumer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def assemble(items: list[_Item], decoder: Decoder) -> MicroBatch:
+    """One MicroBatch from decoded records: samples in (partition, offset) order."""
+    by_partition: dict[int, list[_Item]] = {}
+    for item in items:  # arrival order is offset order within a partition
+        by_partition.setdefault(item[0].partition, []).append(item)
+    if len(by_partition) > 1:
+        items = [it for p in sorted(by_partition) for it in by_partition[p]]
+    ranges = {p: (its[0][0].offset, its[-1][0].offset) for p, its in by_partition.items()}
+    samples = [d for _, d in items if type(d) is Sample]
+    if samples:
+        x = torch.from_numpy(np.stack([s.x for s in samples]))
+    else:
+        x = torch.empty((0, *decoder.input_shape), dtype=torch.float32)
+    y = torch.tensor([s.y for s in samples], dtype=torch.long)
+    tasks = [s.task for s in samples]
+    task = (None if all(t is None for t in tasks) else
+            torch.tensor([-1 if t is None else t for t in tasks], dtype=torch.long))
+    stamps = [r.timestamp for r, _ in items if r.timestamp is not None and r.timestamp >= 0]
+    return MicroBatch(x, y, task, ranges, len(items) - len(samples),
+                      max(stamps) if stamps else None, [s.id for s in samples])
+
+
+class RangeReader:
+    """Re-reads exact offset ranges of ``topic`` outside any consumer group (journal replay).
+
+    Rejected messages are skipped again but not re-sent to the dead-letter topic (they were
+    sent when first consumed). ``auto_offset_reset`` is ``none``: a range that retention
+    already deleted raises kafka-python's ``OffsetOutOfRangeError`` instead of silently
+    reading something else.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, decoder: Decoder, *,
+                 client_config: dict[str, Any] | None = None,
+                 consumer_config: dict[str, Any] | None = None) -> None:
+        self.topic = topic
+        self.decoder = decoder
+        self._consumer = KafkaConsumer(**{
+            **FETCH_DEFAULTS, **(client_config or {}), **(consumer_config or {}),
+            "bootstrap_servers": bootstrap, "group_id": None, "enable_auto_commit": False,
+            "auto_offset_reset": "none", "value_deserializer": None, "key_deserializer": None})
+
+    def read_ranges(self, ranges: dict[int, tuple[int, int]],
+                    timeout_s: float = 30.0) -> MicroBatch:
+        """The batch of these (partition -> (first, last)) ranges, decoded as when consumed;
+        ``TimeoutError`` if the records cannot all be read in time."""
+        consumer = self._consumer
+        deadline = time.monotonic() + timeout_s
+        decode = self.decoder.decode
+        items: list[_Item] = []
+        for p in sorted(ranges):
+            first, last = ranges[p]
+            tp = TopicPartition(self.topic, p)
+            consumer.assign([tp])
+            consumer.seek(tp, first)
+            while consumer.position(tp) <= last:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"could not read offsets {first}..{last} of "
+                                       f"{self.topic}[{p}] within {timeout_s:g} s")
+                records = consumer.poll(timeout_ms=int(remaining * 1000),
+                                        max_records=last - consumer.position(tp) + 1)
+                items.extend((r, decode(r.value, r.headers)) for r in records.get(tp, ())
+                             if first <= r.offset <= last)
+        return assemble(items, self.decoder)
+
+    def close(self) -> None:
+        self._consumer.close(autocommit=False)
 
 
 class _Failed:

@@ -225,6 +225,13 @@ class Decoder:
         self._shape_bytes = {",".join(map(str, self.input_shape)).encode(),
                              str(self.size).encode()}
 
+    def spec(self) -> dict[str, Any]:
+        """The constructor's arguments as JSON: ``Decoder(**d.spec())`` decodes the same way
+        (how the prefetching consumer process gets its decoder without pickle)."""
+        return {"input_shape": list(self.input_shape), "dtypes": list(self.dtypes),
+                "json_dtype": self.json_dtype.name, "max_bytes": self.max_bytes,
+                "encoding": self.encoding}
+
     def decode(self, value: bytes | None,
                headers: Sequence[tuple[str, bytes | None]] | None = None) -> Sample | Rejection:
         """Decode one message; return a :class:`Rejection` rather than raise, whatever it holds."""
