@@ -255,12 +255,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     import contextlib
     import threading
 
-    from streamcl.service import TrainerService, install_sigterm
+    from streamcl.service import install_sigterm, service_from_settings
     from streamcl.settings import load_settings
     from streamcl.stream.broker import EmbeddedBroker, ensure_topics
 
     settings = load_settings(args.config)
-    config = settings.trainer_config()
     stop = threading.Event()
     install_sigterm(stop)  # SIGTERM drains: finish the batch, snapshot, commit, exit 0
     with contextlib.ExitStack() as stack:
@@ -269,13 +268,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
             print(f"streamcl: embedded broker at {bootstrap}", file=sys.stderr, flush=True)
         ensure_topics(bootstrap, [settings.topic], client_config=client)
-        service = TrainerService(
-            config, bootstrap=bootstrap, topic=settings.topic, name=settings.name,
-            group_id=settings.group_id or settings.name, snapshot_dir=str(settings.snapshot_dir),
-            encoding=settings.encoding, batch_size=settings.batch_size,
-            max_wait_s=settings.max_wait_s, snapshot_every_batches=settings.snapshot_every_batches,
-            snapshot_every_s=settings.snapshot_every_s,
-            keep_snapshots=settings.keep_snapshots, client_config=client)
+        service, server = service_from_settings(settings, bootstrap)
+        if server is not None:
+            stack.callback(server.stop)
+            print(f"streamcl: metrics at {server.url}/metrics", file=sys.stderr, flush=True)
         summary = service.run(stop)
         summary["state_sha256"] = service.state_sha256()
     print(json.dumps(_json_safe(summary), default=str))

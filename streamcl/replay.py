@@ -11,13 +11,13 @@ batches, same plans checked). Since training is deterministic, the result's
 from __future__ import annotations
 
 import contextlib
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from streamcl.service import apply_batch_entry
+from streamcl.registry.holdout import Holdout
+from streamcl.service import apply_batch_entry, full_state
 from streamcl.state import state_sha256
-from streamcl.stream.consumer import BatchConsumer
+from streamcl.stream.consumer import RangeReader
 from streamcl.stream.journal import Journal, journal_topic
 from streamcl.stream.messages import Decoder
 from streamcl.stream.snapshots import SnapshotError, SnapshotStore
@@ -28,9 +28,12 @@ def replay_trainer(bootstrap: str, name: str, topic: str, to_seq: int | None = N
                    snapshot_dir: str | None = None, config: TrainerConfig | None = None,
                    progress: Callable[[int], Any] | None = None, *,
                    encoding: str | None = None,
-                   client_config: dict[str, Any] | None = None) -> tuple[OnlineTrainer, int]:
-    """The trainer as of journal entry ``to_seq`` (``None``: the end) and the number of batch
-    entries applied. ``progress(seq)`` is called after each applied batch entry."""
+                   client_config: dict[str, Any] | None = None
+                   ) -> tuple[OnlineTrainer, int, Holdout | None]:
+    """The trainer as of journal entry ``to_seq`` (``None``: the end), the number of batch
+    entries applied, and the quality gate's holdout (``None`` when the service kept none; its
+    configuration comes from the journal's ``start`` entry). ``progress(seq)`` is called after
+    each applied batch entry."""
     journal = Journal(bootstrap, journal_topic(name), client_config, create=False)
     try:
         start = None
@@ -44,6 +47,11 @@ def replay_trainer(bootstrap: str, name: str, topic: str, to_seq: int | None = N
             config = TrainerConfig.from_json(start["trainer_config"])
         if encoding is None:
             encoding = (start or {}).get("encoding", "auto")
+        if start is None:
+            start = next((e for e in journal.read(to_seq=to_seq)
+                          if e["type"] == "start" and "trainer_config" in e), None)
+        spec = (start or {}).get("holdout")
+        holdout = None if spec is None else Holdout(spec["fraction"], spec["size"], spec["seed"])
         trainer, covers = None, -1
         if snapshot_dir is not None:
             store = SnapshotStore(snapshot_dir)
@@ -53,26 +61,27 @@ def replay_trainer(bootstrap: str, name: str, topic: str, to_seq: int | None = N
                 with contextlib.suppress(SnapshotError):
                     _, state = store.load(info.covers_seq)
                     trainer, covers = OnlineTrainer.from_state(state), info.covers_seq
+                    if holdout is not None and "holdout" in state:
+                        holdout.load_state_dict(state["holdout"])
                     break
             if trainer is not None and trainer.config.to_json() != config.to_json():
                 raise ValueError(f"snapshot {covers} has a different configuration")
         if trainer is None:
             trainer = OnlineTrainer(config)
-        consumer = BatchConsumer(bootstrap, topic, f"streamcl-replay-{uuid.uuid4().hex[:12]}",
-                                 Decoder(config.input_shape, encoding=encoding),
-                                 client_config=client_config)
+        consumer = RangeReader(bootstrap, topic, Decoder(config.input_shape, encoding=encoding),
+                               client_config=client_config)
         batches = 0
         try:
             if to_seq is None or to_seq > covers:
                 for entry in journal.read(from_seq=covers + 1, to_seq=to_seq):
                     if entry["type"] == "batch":
-                        apply_batch_entry(trainer, consumer, entry)
+                        apply_batch_entry(trainer, consumer, entry, holdout)
                         batches += 1
                         if progress is not None:
                             progress(entry["seq"])
         finally:
             consumer.close()
-        return trainer, batches
+        return trainer, batches, holdout
     finally:
         journal.close()
 
@@ -82,6 +91,7 @@ def replay(bootstrap: str, name: str, topic: str, to_seq: int | None = None,
            progress: Callable[[int], Any] | None = None, *, encoding: str | None = None,
            client_config: dict[str, Any] | None = None) -> tuple[str, int]:
     """``(state_sha256, batch entries applied)`` of the state rebuilt up to ``to_seq``."""
-    trainer, batches = replay_trainer(bootstrap, name, topic, to_seq, snapshot_dir, config,
-                                      progress, encoding=encoding, client_config=client_config)
-    return state_sha256(trainer.state_dict()), batches
+    trainer, batches, holdout = replay_trainer(bootstrap, name, topic, to_seq, snapshot_dir,
+                                               config, progress, encoding=encoding,
+                                               client_config=client_config)
+    return state_sha256(full_state(trainer, holdout)), batches

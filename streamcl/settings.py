@@ -48,6 +48,23 @@ class Settings(BaseSettings):
     snapshot_every_batches: PositiveInt = 100
     snapshot_every_s: PositiveFloat | None = 60.0
     keep_snapshots: PositiveInt = 3
+    prefetch: bool = Field(True, description="consume in a child process, one batch ahead")
+    torch_threads: PositiveInt | None = Field(
+        None, description="torch intra-op threads (default: torch's choice)")
+    # model registry and publication (issue 4)
+    registry: str = Field("registry", min_length=1,
+                          description="a directory, or an fsspec URL such as s3://bucket/path")
+    publish_every_samples: PositiveInt | None = 5000
+    publish_every_s: PositiveFloat | None = None
+    publish_at_experience_end: bool = True
+    gate_tolerance: float = Field(0.02, ge=0, le=1, description="accepted accuracy drop")
+    holdout_fraction: float = Field(0.05, ge=0, lt=1,
+                                    description="share of samples kept out of training")
+    holdout_size: PositiveInt = Field(1000, description="class-balanced holdout reservoir")
+    # metrics and health endpoints
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(9100, ge=0, le=65535, description="0: no HTTP endpoint")
+    metrics_window: PositiveInt = Field(1000, description="samples in windowed accuracy/loss")
     # the learner (see `streamcl simulate --help` for the meaning of each)
     input_shape: list[PositiveInt]
     model: str = "mlp"

@@ -313,6 +313,14 @@ class ServiceMetrics:
         self.last_publication.set(self._clock())
         self._newest_sample_ts = newest_sample_ts_s
 
+    def set_production(self, version: int, newest_sample_ts_s: float | None,
+                       published_at_s: float | None) -> None:
+        """The production version found at start (recovery): gauges only, nothing counted."""
+        self.production_version.set(version)
+        if published_at_s is not None:
+            self.last_publication.set(published_at_s)
+        self._newest_sample_ts = newest_sample_ts_s
+
     def gate_rejected(self, reason: str) -> None:
         """The quality gate refused a candidate model, for ``reason`` (a short code)."""
         self.gate_rejections.labels(reason=reason).inc()

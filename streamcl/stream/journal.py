@@ -23,7 +23,12 @@ The types and their fields (helpers build each one):
 * ``snapshot`` (:func:`snapshot_entry`): a snapshot was committed: ``path``, ``sha256``,
   ``covers_seq`` (the last seq whose effects it includes) and ``offsets`` (next input offsets
   per partition, :func:`offsets_from_json`);
-* ``publication``: free-form.
+* ``publish``: a model version was published (written *before* the registry is): ``version``,
+  ``position`` (samples trained), ``trigger``, ``metrics`` (holdout accuracy, accuracy matrix,
+  forgetting, ...), ``gate`` (the verdict); the state it publishes is the one after every
+  ``batch`` entry before it, so replaying to it rebuilds the published weights;
+* ``reject``: the quality gate refused a candidate: ``position``, ``trigger``, ``reason``,
+  ``metrics``, ``gate``.
 
 Recovery: take the newest valid snapshot (its ``covers_seq`` = *S*), then
 ``journal.read(from_seq=S + 1)`` and re-apply every ``batch`` entry in order, rebuilding each
@@ -89,7 +94,8 @@ TYPES: dict[str, tuple[str, ...]] = {
     "start": ("config_hash", "pid", "host"),
     "batch": ("ranges", "plan", "samples", "rejected"),
     "snapshot": ("path", "sha256", "covers_seq", "offsets"),
-    "publication": (),
+    "publish": ("version", "position", "trigger", "metrics", "gate"),
+    "reject": ("position", "trigger", "reason", "metrics", "gate"),
 }
 
 _PARTITION = 0

@@ -121,3 +121,23 @@ def read_topic(kafka_bootstrap: str) -> Callable[..., list[Any]]:
         return out
 
     return _read
+
+
+def _load_prometheus_helper() -> Any:
+    """tests/prometheus_server.py (a real Prometheus for scrape tests), loaded by path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "streamcl_tests_prometheus_server"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "prometheus_server.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+prometheus_server = _load_prometheus_helper().prometheus_server
