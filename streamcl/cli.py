@@ -140,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("a", help="7 or v7")
     diff.add_argument("b", help="7 or v7")
     diff.add_argument("--json", action="store_true", help="print one JSON object")
+
+    rpt = sub.add_parser("report", help="an HTML report: accuracy, boundaries, versions, gate")
+    rpt.add_argument("--config", type=Path, help="service settings (YAML): name, Kafka, registry")
+    rpt.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default: the config's)")
+    rpt.add_argument("--name", help="learner name: reads <name>.journal (default: the config's)")
+    rpt.add_argument("--registry", dest="registry_location", metavar="LOCATION",
+                     help="registry directory or URL (default: the config's registry setting)")
+    rpt.add_argument("--out", type=Path, default=Path("report"),
+                     help="output directory for report.html and the PNGs (default: ./report)")
     return parser
 
 
@@ -366,6 +375,32 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from streamcl.registry.registry import ModelRegistry
+    from streamcl.report import load_report_data, write_report
+    from streamcl.settings import load_settings
+    from streamcl.stream.journal import Journal, JournalError, journal_topic
+
+    settings = load_settings(args.config) if args.config else None
+    bootstrap = args.bootstrap_servers or (settings.bootstrap_servers if settings else None)
+    name = args.name or (settings.name if settings else "streamcl")
+    location = args.registry_location or (settings.registry if settings else "registry")
+    if not bootstrap:
+        raise UsageError("report: --bootstrap-servers (or bootstrap_servers in --config) is "
+                         "needed to read the journal")
+    client = settings.kafka_client_config() if settings else {}
+    try:
+        with Journal(bootstrap, journal_topic(name), client, create=False) as journal:
+            entries = list(journal.read())
+    except JournalError as exc:
+        raise UsageError(f"report: cannot read {journal_topic(name)}: {exc}") from None
+    registry = ModelRegistry(location)
+    path = write_report(load_report_data(entries, registry), args.out,
+                        title=f"streamcl report: {name}")
+    print(path)
+    return 0
+
+
 def cmd_datasets(args: argparse.Namespace) -> int:
     from streamcl.data import FMNIST_DIR, write_datasets
 
@@ -510,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         commands = {"simulate": cmd_simulate, "produce": cmd_produce, "run": cmd_run,
                     "demo": cmd_demo, "replay": cmd_replay, "datasets": cmd_datasets,
-                    "registry": cmd_registry}
+                    "registry": cmd_registry, "report": cmd_report}
         return commands[args.command](args)
     except (UsageError, DataError, ValueError) as exc:
         print(f"streamcl: error: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from streamcl.cli import main
 from streamcl.data import Stream, digits, split_stream
 from streamcl.metrics.prometheus import ServiceMetrics
 from streamcl.metrics.server import MetricsServer
@@ -128,6 +129,15 @@ def test_publication_end_to_end(kafka_bootstrap: str, tmp_path: Path,
     finally:
         watcher.stop()
         server.stop()
+
+    # streamcl report reads the same journal and registry
+    out = tmp_path / "report"
+    assert main(["report", "--bootstrap-servers", kafka_bootstrap, "--name", name,
+                 "--registry", str(tmp_path / "registry"), "--out", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert all(f"v{e['version']}" in html for e in published)
+    assert rejected[0]["reason"].split(":")[0] in html
+    assert (out / "accuracy_matrix.png").stat().st_size > 1000
 
     # a crash between journaling a publication and writing it: recovery publishes it again,
     # from the replayed state, with the same weights
