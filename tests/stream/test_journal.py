@@ -31,12 +31,14 @@ def journal_name(kafka_bootstrap: str) -> str:
     return journal_topic(f"streamcl-test-{uuid.uuid4().hex[:12]}")
 
 
-@pytest.fixture
-def open_journal(kafka_bootstrap: str) -> Iterator[Callable[[str], Journal]]:
+@pytest.fixture(params=["kafka-python", "confluent"])
+def open_journal(kafka_bootstrap: str,
+                 request: pytest.FixtureRequest) -> Iterator[Callable[[str], Journal]]:
+    """Journals appending through kafka-python, and through librdkafka (confluent-kafka)."""
     made: list[Journal] = []
 
     def _open(topic: str) -> Journal:
-        journal = Journal(kafka_bootstrap, topic, timeout_s=20)
+        journal = Journal(kafka_bootstrap, topic, timeout_s=20, producer=request.param)
         made.append(journal)
         return journal
 
@@ -160,9 +162,11 @@ def test_an_entry_that_cannot_be_journaled_uses_no_seq(
     assert [e["seq"] for e in journal.read()] == [0, 1]
 
 
-def test_an_unacknowledged_append_raises_and_stops_the_writer() -> None:
+@pytest.mark.parametrize("producer", ["kafka-python", "confluent"])
+def test_an_unacknowledged_append_raises_and_stops_the_writer(producer: str) -> None:
     with EmbeddedBroker(stop_timeout_s=0.2) as broker:  # tansu lingers on SIGTERM
-        journal = Journal(broker.bootstrap, "lost.journal", timeout_s=1)
+        journal = Journal(broker.bootstrap, "lost.journal", timeout_s=1,
+                          producer=producer)  # type: ignore[arg-type]
         assert journal.append({"type": "publication"}) == 0
         broker.stop()
         with pytest.raises(JournalError, match="entry 1 not acknowledged"):
