@@ -113,7 +113,7 @@ class EmbeddedBroker:
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None,
-                 startup_timeout_s: float = 20.0, stop_timeout_s: float = 5.0,
+                 startup_timeout_s: float = 20.0, stop_timeout_s: float = 1.0,
                  binary: str | Path | None = None) -> None:
         self.host = host
         self.port = port
