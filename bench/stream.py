@@ -20,6 +20,7 @@ Rates exclude the consumer-group join (tansu joins after ~half the session timeo
 restart time (d) includes it, since a restarted service really waits for it.
 
     python bench/stream.py [--samples 60000] [--snapshot-every 100] [--threads 2]
+                           [--service-threads 1]
 """
 
 from __future__ import annotations
@@ -155,7 +156,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=60000)
     ap.add_argument("--snapshot-every", type=int, default=100)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for (b)")
+    ap.add_argument("--service-threads", type=int, default=1,
+                    help="torch threads for the service in (c) and (d): on a 2-core machine the "
+                         "consumer process and the broker need the other core")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     raw, _ = fashion_mnist()
@@ -182,6 +186,7 @@ def main() -> int:
         print(f"    bound on this {cores}-core machine from CPU alone: cores / (a + b) = "
               f"{cores / (cpu_a + cpu_b):,.0f} samples/s = "
               f"{cores / (cpu_a + cpu_b) / floor:.0%} of min(a, b)", flush=True)
+        torch.set_num_threads(args.service_threads)
         for prefetch in (True, False):
             rate, cpu_c = end_to_end(config, broker.bootstrap, topic, n, snapdir,
                                      args.snapshot_every, CpuMeter(bpid), prefetch)
