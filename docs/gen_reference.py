@@ -1,0 +1,374 @@
+"""Generate the README's reference sections from the code, so they cannot drift from it.
+
+    python docs/gen_reference.py           # rewrite README.md in place
+    python docs/gen_reference.py --check   # exit 1 (and show a diff) if README.md is stale
+
+Each section sits between marker comments in README.md, ``<!-- BEGIN name -->`` and
+``<!-- END name -->``, and is rendered from its source of truth:
+
+* ``config``: every field of :class:`streamcl.settings.Settings` (name, environment variable,
+  type with its constraints, default, description);
+* ``cli``: every subcommand and option of the argparse parser, :func:`streamcl.cli.build_parser`;
+* ``metrics``: every family a fresh :class:`~streamcl.metrics.prometheus.ServiceMetrics`
+  exposes (the exact names dashboards and alert rules must use), with its type, labels and help;
+* ``strategies``: :data:`streamcl.strategies.STRATEGIES` with their parameters' defaults;
+* ``benchmarks``: the results in ``docs/benchmarks.md`` (written by ``bench/strategies.py``).
+
+tests/deploy/test_readme.py fails when README.md differs from what this renders, e.g. when a
+setting is added and the README is not regenerated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+BENCHMARKS = ROOT / "docs" / "benchmarks.md"
+
+
+def _cell(text: Any) -> str:
+    """Text for a Markdown table cell: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _code(text: Any) -> str:
+    return f"`{text}`"
+
+
+# -- settings -----------------------------------------------------------------------------------
+
+def _type_name(annotation: Any) -> str:
+    """``str | None``, ``PLAINTEXT, SSL or SASL_SSL``, ``list[int]``, ... for a field type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " / ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    if annotation is type(None):
+        return "null"
+    if annotation is typing.Any:
+        return "any"
+    if annotation is Path:
+        return "path"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="), ("min_length", "length >="),
+           ("max_length", "length <="))
+
+
+def _constraints(metadata: list[Any], annotation: Any) -> list[str]:
+    """Bounds from a field's metadata and from constrained types (PositiveInt is int > 0)."""
+    found = list(metadata)
+    stack = [annotation]
+    while stack:  # PositiveInt inside ``list[...]`` or ``... | None``
+        ann = stack.pop()
+        if typing.get_origin(ann) is typing.Annotated:
+            found += list(ann.__metadata__)
+        stack += list(typing.get_args(ann))
+    out = []
+    for item in found:
+        for attr, symbol in _BOUNDS:
+            value = getattr(item, attr, None)
+            if value is not None:
+                out.append(f"{symbol} {value}")
+    return list(dict.fromkeys(out))
+
+
+def _default(field: Any) -> str:
+    if field.is_required():
+        return "**required**"
+    value = field.get_default(call_default_factory=True)
+    if value is None:
+        return "unset"
+    if isinstance(value, Path):
+        value = str(value)
+    return _code(json.dumps(value) if not isinstance(value, str) else value)
+
+
+#: Descriptions for settings whose ``Field`` has none yet. The model's own ``description`` wins;
+#: move these into streamcl/settings.py (``Field(..., description=...)``) and delete them here.
+FALLBACK_DESCRIPTIONS: dict[str, str] = {
+    "bootstrap_servers": "Kafka bootstrap servers (host:port[,host:port...]); unset: start the "
+                         "embedded broker on a free loopback port",
+    "security_protocol": "PLAINTEXT, SSL (TLS) or SASL_SSL (SASL over TLS)",
+    "ssl_cafile": "CA bundle (PEM) that signed the brokers' certificates",
+    "ssl_certfile": "client certificate (PEM) for mutual TLS; with ssl_keyfile",
+    "ssl_keyfile": "client private key (PEM) for mutual TLS; with ssl_certfile",
+    "sasl_mechanism": "with SASL_SSL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+    "sasl_plain_username": "with SASL_SSL: the user name",
+    "sasl_plain_password": "with SASL_SSL: the password (give it as an environment variable "
+                           "from a secret, not in the file)",
+    "topic": "input topic of labelled samples (created with one partition if missing)",
+    "group_id": "Kafka consumer group (default: name)",
+    "encoding": "how the input messages are encoded (see Message formats)",
+    "batch_size": "samples per micro-batch: one journal entry and one train step",
+    "max_wait_s": "longest wait for a micro-batch to fill before a partial one is trained",
+    "snapshot_dir": "directory of the state snapshots (safetensors + SHA-256 sidecars)",
+    "snapshot_every_batches": "snapshot after this many batches",
+    "snapshot_every_s": "also snapshot this often in seconds, on a quiet stream too (unset: "
+                        "by batches only)",
+    "keep_snapshots": "newest snapshots kept; older ones are deleted",
+    "publish_every_samples": "publish a candidate model every this many trained samples "
+                             "(unset: not by count)",
+    "publish_every_s": "publish a candidate model every this many seconds (unset: not by time)",
+    "publish_at_experience_end": "publish a candidate model when an experience ends",
+    "metrics_host": "address of the /metrics, /healthz and /readyz HTTP server",
+    "input_shape": "shape of one sample's x, e.g. [784] or [1, 28, 28]",
+    "model": "mlp, cnn or package.module:function",
+    "hidden": "MLP layer widths, or CNN channel counts",
+    "strategy": "continual-learning strategy (see Strategies)",
+    "params": 'the strategy\'s parameters, e.g. {"mem_size": 500}',
+    "lr": "SGD learning rate",
+    "momentum": "SGD momentum",
+    "boundaries": "experience boundary triggers: drift, task, new-class, every:N, or a comma "
+                  "list",
+    "detector": "drift detector: adwin, page-hinkley, ddm or kswin",
+    "detector_params": 'the detector\'s parameters (River\'s names), e.g. {"delta": 0.002}',
+    "min_length": "fewest samples in an inferred (drift, new-class) experience",
+    "cooldown": "samples after a boundary before the detector listens again",
+    "monitor": "what the drift detector watches: prequential errors or losses",
+    "seed": "random seed (initialisation, replay sampling, holdout selection)",
+}
+
+
+def setting_description(name: str, field: Any) -> str:
+    return field.description or FALLBACK_DESCRIPTIONS.get(name, "")
+
+
+def render_config() -> str:
+    from streamcl.settings import Settings
+
+    prefix = Settings.model_config.get("env_prefix", "")
+    rows = ["| setting | environment variable | type | default | description |",
+            "|---|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        kind = _type_name(field.annotation)
+        bounds = _constraints(field.metadata, field.annotation)
+        if bounds:
+            kind += f" ({', '.join(bounds)})"
+        rows.append(f"| {_code(name)} | {_code(prefix + name.upper())} | {_cell(kind)} | "
+                    f"{_cell(_default(field))} | {_cell(setting_description(name, field))} |")
+    return "\n".join(rows)
+
+
+# -- command line -------------------------------------------------------------------------------
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _subcommand_help(parser: argparse.ArgumentParser) -> dict[str, str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return {a.dest: a.help or "" for a in action._choices_actions}
+    return {}
+
+
+def _option_rows(parser: argparse.ArgumentParser) -> list[str]:
+    rows = []
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction | argparse._SubParsersAction
+                      | argparse._VersionAction):
+            continue
+        if action.option_strings:
+            name = ", ".join(action.option_strings)
+            if action.nargs != 0:
+                name += " " + (action.metavar or action.dest.upper())
+        else:
+            name = action.metavar or action.dest
+        if action.required or not action.option_strings:
+            default = "**required**"
+        elif action.nargs == 0:
+            default = "off"
+        elif isinstance(action, argparse._AppendAction):
+            default = "repeatable"
+        elif action.default is None:
+            default = "unset"
+        else:
+            default = _code(action.default)
+        text = action.help or ""
+        if action.choices:
+            text = (text + f" (one of: {', '.join(map(str, action.choices))})").strip()
+        rows.append(f"| {_code(name)} | {_cell(default)} | {_cell(text)} |")
+    return rows
+
+
+def render_cli() -> str:
+    from streamcl.cli import build_parser
+
+    out: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str, help_text: str) -> None:
+        out.append(f"**`{path}`**: {help_text}\n" if help_text else f"**`{path}`**\n")
+        rows = _option_rows(parser)
+        if rows:
+            out.extend(["| option | default | meaning |", "|---|---|---|", *rows, ""])
+        helps = _subcommand_help(parser)
+        for name, sub in _subcommands(parser).items():
+            walk(sub, f"{path} {name}", helps.get(name, ""))
+
+    root = build_parser()
+    helps = _subcommand_help(root)
+    for name, sub in _subcommands(root).items():
+        walk(sub, f"streamcl {name}", helps.get(name, ""))
+    return "\n".join(out).rstrip()
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+#: The sample names each OpenMetrics family type exposes (what PromQL queries must use).
+EXPOSED_SUFFIXES = {"counter": ("_total", "_created"),
+                    "histogram": ("_bucket", "_sum", "_count", "_created"),
+                    "summary": ("_sum", "_count", "_created"), "info": ("_info",),
+                    "gauge": ("",), "stateset": ("",), "gaugehistogram": ("_bucket", "_gsum",
+                                                                         "_gcount"),
+                    "unknown": ("",)}
+
+
+def parse_families(openmetrics_text: str) -> list[dict[str, Any]]:
+    """Metric families of an OpenMetrics exposition: name, type, help, label names and the
+    exposed sample names (``_total``, ``_bucket``/``_sum``/``_count``, ``_info``, ...)."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    families = []
+    for family in text_string_to_metric_families(openmetrics_text):
+        labels: list[str] = []
+        for sample in family.samples:
+            labels += [k for k in sample.labels if k not in labels and k != "le"]
+        families.append({"name": family.name, "type": family.type,
+                         "help": family.documentation, "labels": labels,
+                         "samples": [family.name + s
+                                     for s in EXPOSED_SUFFIXES.get(family.type, ("",))]})
+    return families
+
+
+def metric_families() -> list[dict[str, Any]]:
+    """What a fresh :class:`ServiceMetrics` exposes. Label names also come from the
+    collectors, so a labelled family with no series yet (the consumer lag before the first
+    partition assignment) still lists them."""
+    from prometheus_client.metrics import MetricWrapperBase
+    from prometheus_client.openmetrics.exposition import generate_latest
+
+    from streamcl.metrics.prometheus import ServiceMetrics
+
+    metrics = ServiceMetrics()
+    declared: dict[str, tuple[str, ...]] = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            declared[value._name] = tuple(value._labelnames)
+    families = parse_families(generate_latest(metrics.registry).decode())
+    for family in families:
+        family["labels"] = list(dict.fromkeys([*declared.get(family["name"], ()),
+                                               *family["labels"]]))
+    return families
+
+
+def render_metrics() -> str:
+    rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
+    for f in metric_families():
+        names = [n for n in f["samples"] if not n.endswith("_created")]
+        shown = _code(names[0]) + "".join(
+            f", {_code(n[len(f['name']):])}" for n in names[1:])
+        rows.append(f"| {shown} | {f['type']} | {_cell(', '.join(f['labels']) or '—')} | "
+                    f"{_cell(f['help'])} |")
+    return "\n".join(rows)
+
+
+# -- strategies ---------------------------------------------------------------------------------
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n\n")[0].replace("``", "`")
+
+
+def render_strategies() -> str:
+    from streamcl.strategies import STRATEGIES, resolved_params
+
+    rows = ["| `--strategy` | parameters and defaults (`--param k=v`, `params:` in the config) "
+            "| method |", "|---|---|---|"]
+    for name, cls in STRATEGIES.items():
+        params = ", ".join(f"{k}={json.dumps(v)}" for k, v in resolved_params(name, {}).items())
+        doc = cls.__doc__ if cls.__doc__ else sys.modules[cls.__module__].__doc__
+        rows.append(f"| {_code(name)} | {_cell(params) or '—'} | {_cell(_first_line(doc))} |")
+    return "\n".join(rows)
+
+
+# -- benchmarks ---------------------------------------------------------------------------------
+
+def render_benchmarks() -> str:
+    """docs/benchmarks.md without its title (the README section has its own)."""
+    lines = BENCHMARKS.read_text().strip().splitlines()
+    if lines and lines[0].startswith("# "):
+        lines = lines[1:]
+    return "\n".join(lines).strip()
+
+
+# -- splicing -----------------------------------------------------------------------------------
+
+SECTIONS: dict[str, Callable[[], str]] = {
+    "config": render_config,
+    "cli": render_cli,
+    "metrics": render_metrics,
+    "strategies": render_strategies,
+    "benchmarks": render_benchmarks,
+}
+
+
+def splice(text: str, sections: dict[str, Callable[[], str]] = SECTIONS) -> str:
+    """``text`` with each ``<!-- BEGIN name -->...<!-- END name -->`` block re-rendered.
+    Every section must have its markers exactly once: a lost marker is an error, not a
+    silently skipped section."""
+    for name, render in sections.items():
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+        if len(pattern.findall(text)) != 1:
+            raise ValueError(f"README.md needs exactly one '<!-- BEGIN {name} -->' ... "
+                             f"'<!-- END {name} -->' block")
+        body = render().rstrip("\n")
+        text = pattern.sub(lambda m, body=body: f"{m.group(1)}{body}\n{m.group(2)}", text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true",
+                        help="do not write; exit 1 with a diff if README.md is out of date")
+    parser.add_argument("--readme", type=Path, default=README)
+    args = parser.parse_args(argv)
+    current = args.readme.read_text()
+    fresh = splice(current)
+    if args.check:
+        if fresh != current:
+            sys.stdout.writelines(difflib.unified_diff(
+                current.splitlines(keepends=True), fresh.splitlines(keepends=True),
+                str(args.readme), "generated"))
+            print(f"\n{args.readme} is out of date: run python docs/gen_reference.py",
+                  file=sys.stderr)
+            return 1
+        return 0
+    if fresh != current:
+        args.readme.write_text(fresh)
+        print(f"updated {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

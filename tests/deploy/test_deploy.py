@@ -1,0 +1,735 @@
+"""The deployment files (Dockerfile, deploy/compose.yaml, deploy/k8s, Prometheus, Grafana) are
+valid and agree with the code: every STREAMCL_* variable is a setting, every command line
+parses with the real CLI, every metric a dashboard or an alert uses is one the service exports
+(checked against a live ``streamcl run``), and the alert rules fire when they should.
+
+The checks use the real tools: promtool (config, rules and rule unit tests), hadolint, PyYAML,
+the CLI's own argparse parser and the service's own settings model. Building the image needs a
+Docker engine, which CI does not have; everything the build depends on is checked statically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from fnmatch import fnmatch
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import yaml
+
+from streamcl.cli import UsageError, build_parser
+from streamcl.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = ROOT / "Dockerfile"
+COMPOSE = DEPLOY / "compose.yaml"
+K8S = DEPLOY / "k8s"
+PROMETHEUS_DIR = DEPLOY / "prometheus"
+ALERTS = PROMETHEUS_DIR / "alerts.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "streamcl.json"
+DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "streamcl.yml"
+ALERT_TESTS = Path(__file__).with_name("alerts_test.yml")
+
+SETTING_VARS = {f"STREAMCL_{name.upper()}" for name in Settings.model_fields}
+STREAMCL_IMAGE = "streamcl:latest"
+#: How long `streamcl run` may take to answer: importing torch, starting the embedded broker,
+#: recovering (nothing to recover here), joining the consumer group. It takes a few seconds.
+SERVICE_START_S = 60.0
+POLL_S = 0.2  # polling interval while waiting on a condition, never a synchronisation sleep
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+def yaml_docs(path: Path) -> list[Any]:
+    with path.open() as f:
+        return list(yaml.safe_load_all(f))
+
+
+def yaml_doc(path: Path) -> dict[str, Any]:
+    docs = yaml_docs(path)
+    assert len(docs) == 1 and isinstance(docs[0], dict), f"{path}: expected one mapping"
+    return docs[0]
+
+
+def k8s_manifests() -> dict[str, dict[str, Any]]:
+    """``kind`` -> manifest, for every document under deploy/k8s (kustomization excluded)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml_docs(path):
+            if doc and doc.get("kind") != "Kustomization":
+                assert doc["kind"] not in out, f"two {doc['kind']} manifests"
+                out[doc["kind"]] = doc | {"_file": path.name}
+    return out
+
+
+def compose() -> dict[str, Any]:
+    return yaml_doc(COMPOSE)
+
+
+def compose_env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):  # the ["KEY=value", ...] form
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` with continuation lines joined and comments dropped."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in DOCKERFILE.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.startswith("#"):  # a comment inside a continued instruction
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        out.append((keyword.upper(), args.strip()))
+    return out
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for keyword, args in dockerfile_instructions():
+        if keyword == "ENV":
+            for token in shlex.split(args):
+                key, sep, value = token.partition("=")
+                assert sep, f"ENV {args!r}: use the KEY=value form"
+                env[key] = value
+    return env
+
+
+def runtime_stage() -> list[tuple[str, str]]:
+    """The instructions of the Dockerfile's last stage (what the image runs)."""
+    instructions = dockerfile_instructions()
+    last_from = max(i for i, (k, _) in enumerate(instructions) if k == "FROM")
+    return instructions[last_from:]
+
+
+def parse_cli(args: list[str], where: str) -> Any:
+    """Parse with the real CLI parser; any unknown subcommand or flag fails the test."""
+    try:
+        return build_parser().parse_args(args)
+    except (SystemExit, UsageError) as exc:
+        pytest.fail(f"{where}: `streamcl {shlex.join(args)}` does not parse: {exc}")
+
+
+def compose_command_lines() -> list[tuple[str, list[str]]]:
+    """``(service, argv after "streamcl")`` for every command line that a service running the
+    streamcl image executes: its command with the image's ``streamcl`` entrypoint, or each line
+    of a ``/bin/sh -c`` script (``exec`` stripped)."""
+    lines: list[tuple[str, list[str]]] = []
+    for name, svc in compose()["services"].items():
+        if svc.get("image") != STREAMCL_IMAGE:
+            continue
+        entrypoint = svc.get("entrypoint")
+        command = svc.get("command", ["run"])
+        if entrypoint is None:
+            args = shlex.split(command) if isinstance(command, str) else list(command)
+            lines.append((name, args))
+            continue
+        entry = shlex.split(entrypoint) if isinstance(entrypoint, str) else list(entrypoint)
+        assert entry[0] in ("/bin/sh", "sh", "/bin/bash", "bash") and entry[-1].endswith("c"), (
+            f"{name}: entrypoint {entry} is neither streamcl's nor a shell script")
+        script = command if isinstance(command, str) else command[0]
+        for raw in script.splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            for part in re.split(r"\s*&&\s*", line):
+                argv = shlex.split(part)
+                if argv and argv[0] == "exec":
+                    argv = argv[1:]
+                assert argv and argv[0] == "streamcl", f"{name}: {line!r} is not a streamcl command"
+                lines.append((name, argv[1:]))
+    return lines
+
+
+# -- YAML ---------------------------------------------------------------------------------------
+
+def test_every_yaml_file_under_deploy_parses() -> None:
+    paths = sorted([*DEPLOY.rglob("*.yml"), *DEPLOY.rglob("*.yaml"), ALERT_TESTS])
+    assert len(paths) >= 12, paths
+    for path in paths:
+        docs = yaml_docs(path)  # multi-document aware; raises on a syntax error
+        assert docs, f"{path}: empty"
+        for doc in docs:
+            assert isinstance(doc, dict) and doc, f"{path}: every document must be a mapping"
+
+
+# -- Prometheus ---------------------------------------------------------------------------------
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in yaml_doc(ALERTS)["groups"] for rule in group["rules"]]
+
+
+def test_promtool_accepts_the_alert_rules(promtool: str) -> None:
+    proc = subprocess.run([promtool, "check", "rules", str(ALERTS)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in proc.stdout + proc.stderr
+
+
+def test_promtool_accepts_the_prometheus_config(promtool: str, tmp_path: Path) -> None:
+    config = yaml_doc(PROMETHEUS_DIR / "prometheus.yml")
+    rule_files = config["rule_files"]
+    assert rule_files == ["alerts.yml"], "the compose file mounts deploy/prometheus whole"
+    for name in ("prometheus.yml", *rule_files):  # rule files resolve next to the config
+        shutil.copy(PROMETHEUS_DIR / name, tmp_path / name)
+    proc = subprocess.run([promtool, "check", "config", "prometheus.yml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert f"SUCCESS: {len(rule_files)} rule files found" in out, out
+    assert f"SUCCESS: {len(alert_rules())} rules found" in out, out
+
+
+def test_alert_rules_carry_severity_summary_and_description() -> None:
+    rules = alert_rules()
+    names = [r["alert"] for r in rules]
+    assert len(set(names)) == len(names), names
+    for rule in rules:
+        assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
+        for key in ("summary", "description"):
+            assert len(rule["annotations"].get(key, "")) > 20, (rule["alert"], key)
+
+
+def test_the_alerts_the_issue_asks_for_exist() -> None:
+    exprs = {r["alert"]: " ".join(r["expr"].split()) for r in alert_rules()}
+    assert any("deriv(streamcl_consumer_lag[" in e and "streamcl_consumer_lag >" in e
+               for e in exprs.values()), "consumer lag growing"
+    assert any("streamcl_last_publication_timestamp_seconds" in e
+               and "streamcl_production_version > 0" in e for e in exprs.values()), \
+        "no publication for too long (only once a version exists)"
+    assert any("increase(streamcl_gate_rejections_total[" in e for e in exprs.values())
+    assert any('streamcl_drift_events_total{trigger="drift"}' in e for e in exprs.values())
+    assert any("increase(streamcl_nonfinite_loss_total[" in e for e in exprs.values())
+    assert any(re.search(r"\bup\{[^}]*\} == 0", e) for e in exprs.values()), "trainer down"
+    assert any(e.startswith("absent(up{") for e in exprs.values()), "trainer absent"
+
+
+def test_alert_rules_fire_on_their_situation_and_not_on_look_alikes(promtool: str,
+                                                                    tmp_path: Path) -> None:
+    """`promtool test rules` on tests/deploy/alerts_test.yml. promtool compares annotations
+    verbatim, so the rules are copied without them (their templates are checked by `check
+    rules`); every alert must have at least one case where it fires."""
+    doc = yaml_doc(ALERTS)
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    shutil.copy(ALERT_TESTS, tmp_path / ALERT_TESTS.name)
+    proc = subprocess.run([promtool, "test", "rules", ALERT_TESTS.name], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    fired = {case["alertname"] for test in yaml_doc(ALERT_TESTS)["tests"]
+             for case in test.get("alert_rule_test", []) if case.get("exp_alerts")}
+    untested = {r["alert"] for r in alert_rules()} - fired
+    assert not untested, f"alerts without a firing test case in {ALERT_TESTS.name}: {untested}"
+
+
+# -- settings and command lines -----------------------------------------------------------------
+
+def k8s_env_names() -> set[str]:
+    m = k8s_manifests()
+    names = set(m["ConfigMap"]["data"])
+    for container in m["Deployment"]["spec"]["template"]["spec"]["containers"]:
+        names |= {e["name"] for e in container.get("env", [])}
+    return names
+
+
+def test_every_streamcl_variable_is_a_setting() -> None:
+    sources = {
+        "Dockerfile": set(dockerfile_env()),
+        "deploy/k8s": k8s_env_names(),
+        **{f"compose service {name}": set(compose_env(svc))
+           for name, svc in compose()["services"].items()},
+    }
+    used = {var for names in sources.values() for var in names if var.startswith("STREAMCL_")}
+    assert len(used) >= 15, used  # the extraction found the variables
+    for where, names in sources.items():
+        unknown = {n for n in names if n.startswith("STREAMCL_")} - SETTING_VARS
+        assert not unknown, (f"{where} sets {sorted(unknown)}, which are not settings of "
+                             "streamcl.settings.Settings (a typo is silently ignored)")
+
+
+def _settings_from_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> Settings:
+    for key in list(os.environ):
+        if key.startswith("STREAMCL_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return Settings()  # type: ignore[call-arg]  # everything from the environment
+
+
+def test_the_deployments_settings_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The values, not only the names: each environment builds a valid Settings, as
+    `streamcl run` would at start (a bad value would crash-loop the container)."""
+    image_env = {k: v for k, v in dockerfile_env().items() if k.startswith("STREAMCL_")}
+    trainer = compose()["services"]["trainer"]
+    s = _settings_from_env(monkeypatch, image_env | compose_env(trainer))
+    assert s.bootstrap_servers == "kafka:9092" and s.metrics_port == 9100
+    cm = k8s_manifests()["ConfigMap"]["data"]
+    s = _settings_from_env(monkeypatch, image_env | cm)
+    assert str(s.snapshot_dir).startswith("/data/") and s.registry.startswith("/data/")
+    s = _settings_from_env(monkeypatch, image_env | {"STREAMCL_INPUT_SHAPE": "[784]"})
+    assert (str(s.snapshot_dir), s.registry) == ("/data/snapshots", "/data/registry")
+
+
+def test_every_compose_command_line_parses_with_the_cli() -> None:
+    lines = compose_command_lines()
+    commands = {}
+    for service, args in lines:
+        commands[args[0] if args else "?"] = parse_cli(args, f"compose service {service}")
+    assert {"run", "datasets", "produce"} <= set(commands), lines
+
+
+def test_the_producer_feeds_the_trainer(tmp_path: Path) -> None:
+    """The producer sends to the trainer's topic and broker a file that `streamcl datasets`
+    really writes, whose samples have the trainer's input shape."""
+    from streamcl.data import load_stream, write_datasets
+
+    args = {a[0]: parse_cli(a, f"compose service {s}") for s, a in compose_command_lines()}
+    trainer = compose_env(compose()["services"]["trainer"])
+    produce, datasets = args["produce"], args["datasets"]
+    assert produce.topic == trainer["STREAMCL_TOPIC"]
+    assert produce.bootstrap == trainer["STREAMCL_BOOTSTRAP_SERVERS"]
+    assert produce.encoding == trainer.get("STREAMCL_ENCODING", "binary")
+    assert produce.data.parent == datasets.out
+    written = {p.name: p for p in write_datasets(tmp_path, seed=datasets.seed)}
+    assert produce.data.name in written, sorted(written)
+    shape = load_stream(written[produce.data.name]).input_shape
+    assert list(shape) == json.loads(trainer["STREAMCL_INPUT_SHAPE"])
+
+
+def test_the_image_and_k8s_commands_parse_with_the_cli() -> None:
+    stage = dict(runtime_stage())
+    assert json.loads(stage["ENTRYPOINT"]) == ["streamcl"]
+    parse_cli(json.loads(stage["CMD"]), "Dockerfile CMD")
+    for container in k8s_manifests()["Deployment"]["spec"]["template"]["spec"]["containers"]:
+        assert container.get("command") is None, "k8s must keep the image's entrypoint"
+        parse_cli(container.get("args", ["run"]), "deploy/k8s/deployment.yaml")
+
+
+# -- Dockerfile ---------------------------------------------------------------------------------
+
+def test_hadolint_passes(hadolint: str) -> None:
+    proc = subprocess.run([hadolint, "--no-color", str(DOCKERFILE)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_contract() -> None:
+    instructions = dockerfile_instructions()
+    froms = [args for k, args in instructions if k == "FROM"]
+    assert len(froms) >= 2 and " AS builder" in froms[0], "multi-stage: a builder first"
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in instructions
+            if k == "ARG" and "=" in a}
+    assert args.get("PYTHON_IMAGE") == "python:3.11-slim-bookworm"
+    builder = " ".join(a for k, a in instructions if k == "RUN")
+    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in builder
+
+    stage = runtime_stage()
+    keys = [k for k, _ in stage]
+    run = dict(stage)
+    assert run["USER"].split(":")[0] == "10001"
+    assert run["EXPOSE"] == "9100" == dockerfile_env()["STREAMCL_METRICS_PORT"]
+    assert run["VOLUME"] == "/data"
+    assert "/healthz" in run["HEALTHCHECK"] and "STREAMCL_METRICS_PORT" in run["HEALTHCHECK"]
+    assert "COPY" in keys and "--from=builder" in run["COPY"]
+    assert keys.index("USER") > keys.index("RUN"), "drop root only after the setup"
+    assert any(k == "LABEL" for k in keys)
+
+
+def test_dockerignore_keeps_what_the_build_copies() -> None:
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    copied = [token for k, args in dockerfile_instructions() if k == "COPY"
+              and "--from" not in args for token in shlex.split(args)[:-1]]
+    assert {"pyproject.toml", "README.md", "streamcl"} <= {c.rstrip("/") for c in copied}
+    for source in copied:
+        assert (ROOT / source).exists(), source
+        excluded = [p for p in patterns if fnmatch(source.rstrip("/"), p.lstrip("/"))]
+        assert not excluded, f".dockerignore {excluded} drops {source}, which the build copies"
+    for needed_out in (".venv", ".git", "tests", "*.npz"):
+        assert needed_out in patterns
+
+
+# -- compose ------------------------------------------------------------------------------------
+
+def test_compose_wiring() -> None:
+    c = compose()
+    services = c["services"]
+    assert set(services) >= {"kafka", "trainer", "producer", "prometheus", "grafana"}
+    kafka = services["kafka"]
+    assert kafka["image"] == "apache/kafka:3.9.0"
+    kenv = compose_env(kafka)
+    assert kenv["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    assert kenv["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{kenv['KAFKA_NODE_ID']}@kafka:9093"
+    assert "CLUSTER_ID" in kenv and "kafka" in kafka["healthcheck"]["test"][-1]
+    listeners = dict(item.split("://") for item in kenv["KAFKA_LISTENERS"].split(","))
+    advertised = dict(item.split("://") for item in kenv["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    protocol_map = dict(item.split(":") for item in
+                        kenv["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert set(listeners) == set(protocol_map)
+    assert set(advertised) <= set(listeners) and "CONTROLLER" not in advertised
+    trainer_env = compose_env(services["trainer"])
+    assert trainer_env["STREAMCL_BOOTSTRAP_SERVERS"] == advertised["PLAINTEXT"]
+
+    for name in ("trainer", "producer"):
+        svc = services[name]
+        assert svc["image"] == STREAMCL_IMAGE
+        assert (COMPOSE.parent / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+        assert svc["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert "/data" in [v.split(":")[1] for v in services["trainer"]["volumes"]]
+
+    for svc in services.values():  # every bind mount exists; every named volume is declared
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (COMPOSE.parent / source).exists(), volume
+            else:
+                assert source in c["volumes"], volume
+
+    port = trainer_env["STREAMCL_METRICS_PORT"]
+    assert f"{port}:{port}" in services["trainer"]["ports"]
+    scrape = yaml_doc(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"]
+    job = next(j for j in scrape if j["job_name"] == "streamcl")
+    assert job["static_configs"][0]["targets"] == [f"trainer:{port}"]
+    assert job["scrape_interval"] == "5s"
+
+
+# -- Kubernetes ---------------------------------------------------------------------------------
+
+def test_kustomization_lists_the_manifests() -> None:
+    kustomization = yaml_doc(K8S / "kustomization.yaml")
+    listed = kustomization["resources"]
+    for name in listed:
+        assert (K8S / name).is_file(), name
+    others = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml", "servicemonitor.yaml"}
+    assert others == set(listed)
+
+
+def test_k8s_manifests_agree_with_each_other_and_the_image() -> None:
+    m = k8s_manifests()
+    dep, svc, cm, pvc = m["Deployment"], m["Service"], m["ConfigMap"], m["PersistentVolumeClaim"]
+    spec = dep["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    pod = spec["template"]
+    assert spec["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+
+    [container] = pod["spec"]["containers"]
+    assert container["image"] == STREAMCL_IMAGE
+    assert {"configMapRef": {"name": cm["metadata"]["name"]}} in container["envFrom"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    metrics_port = int(cm["data"]["STREAMCL_METRICS_PORT"])
+    assert ports == {"metrics": metrics_port}
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
+                        ("startupProbe", "/healthz")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "metrics"}, probe
+
+    [service_port] = svc["spec"]["ports"]
+    assert service_port["name"] == "metrics" and service_port["port"] == metrics_port
+    assert service_port["targetPort"] in ("metrics", metrics_port)
+    annotations = pod["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true",
+                           "prometheus.io/port": str(metrics_port),
+                           "prometheus.io/path": "/metrics"}
+
+    uid = int(dict(runtime_stage())["USER"].split(":")[0])
+    security = pod["spec"]["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == uid
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    mounts = {v["mountPath"]: v["name"] for v in container["volumeMounts"]}
+    assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == \
+        pvc["metadata"]["name"]
+    for key in ("STREAMCL_SNAPSHOT_DIR", "STREAMCL_REGISTRY"):
+        assert cm["data"][key].startswith("/data/"), key
+
+    monitor = yaml_doc(K8S / "servicemonitor.yaml")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= \
+        svc["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == service_port["name"]
+    # the alert rules select job="streamcl": the ServiceMonitor's job is the Service's name
+    assert svc["metadata"]["name"] == "streamcl"
+
+
+# -- Grafana ------------------------------------------------------------------------------------
+
+def dashboard() -> dict[str, Any]:
+    return json.loads(DASHBOARD.read_text())
+
+
+def provisioned_uid() -> str:
+    [source] = yaml_doc(DATASOURCES)["datasources"]
+    return source["uid"]
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    out = []
+    for panel in dashboard()["panels"]:
+        out.append(panel)
+        out += panel.get("panels", [])  # collapsed rows hold their panels
+    return out
+
+
+def test_grafana_provisioning_matches_compose() -> None:
+    [source] = yaml_doc(DATASOURCES)["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    assert "9090:9090" in compose()["services"]["prometheus"]["ports"]
+    [provider] = yaml_doc(DASHBOARD_PROVIDERS)["providers"]
+    mounts = dict(v.split(":")[:2] for v in compose()["services"]["grafana"]["volumes"])
+    assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+    assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
+
+
+def test_dashboard_is_a_valid_grafana_dashboard() -> None:
+    d = dashboard()
+    assert 36 <= d["schemaVersion"] <= 41 and d["uid"] and d["title"]
+    uid = provisioned_uid()
+    panels = dashboard_panels()
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+
+    cells: dict[tuple[int, int], int] = {}
+    for p in panels:
+        pos = p["gridPos"]
+        assert pos["x"] >= 0 and pos["w"] >= 1 and pos["x"] + pos["w"] <= 24, p["title"]
+        for x in range(pos["x"], pos["x"] + pos["w"]):
+            for y in range(pos["y"], pos["y"] + pos["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps panel {cells[(x, y)]}"
+                cells[(x, y)] = p["id"]
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == {"type": "prometheus", "uid": uid}, p["title"]
+        assert p["targets"] and p.get("description"), p["title"]
+        refs = [t["refId"] for t in p["targets"]]
+        assert len(refs) == len(set(refs)), p["title"]
+        for t in p["targets"]:
+            assert t.get("datasource", p["datasource"])["uid"] == uid, p["title"]
+            assert t["expr"].strip(), p["title"]
+
+    for a in d["annotations"]["list"]:
+        if not a.get("builtIn"):
+            assert a["datasource"]["uid"] == uid and a["expr"], a["name"]
+    for var in d["templating"]["list"]:
+        if var["type"] == "query":
+            assert var["datasource"]["uid"] == uid
+
+    heatmaps = [p for p in panels if p["type"] == "heatmap"]
+    assert heatmaps and all(t["format"] == "heatmap" for p in heatmaps for t in p["targets"])
+    assert any("streamcl_train_step_seconds_bucket" in t["expr"] and "by (le)" in t["expr"]
+               for p in heatmaps for t in p["targets"])
+    annotation_exprs = " ".join(a.get("expr", "") for a in d["annotations"]["list"])
+    assert "streamcl_drift_events_total" in annotation_exprs, "drift boundaries as annotations"
+
+
+_GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h",
+                      "__range_s": "3600", "__interval_ms": "15000", "instance": ".*"}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """``(where, PromQL)`` for every query of the dashboard: panel targets, annotations,
+    template variables (Grafana's label_values() is not PromQL: its metric is checked)."""
+    d = dashboard()
+    out = [(f"panel {p['title']!r}", t["expr"]) for p in dashboard_panels()
+           for t in p.get("targets", [])]
+    out += [(f"annotation {a['name']!r}", a["expr"]) for a in d["annotations"]["list"]
+            if a.get("expr")]
+    for var in d["templating"]["list"]:
+        query = var.get("definition") or var.get("query", {}).get("query", "")
+        match = re.fullmatch(r"label_values\((.+),\s*\w+\)", query.strip())
+        out.append((f"variable {var['name']!r}", match.group(1) if match else query))
+    return out
+
+
+def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> None:
+    """Each query, with Grafana's variables filled in, becomes a recording rule that promtool
+    parses: a typo in PromQL fails here instead of as an empty panel."""
+    rules = []
+    for i, (where, expr) in enumerate(dashboard_queries()):
+        filled = re.sub(r"\$\{?(\w+)\}?",
+                        lambda m: _GRAFANA_VARIABLES.get(m.group(1), m.group(0)), expr)
+        assert "$" not in filled, f"{where}: unknown Grafana variable in {expr!r}"
+        rules.append({"record": f"dashboard:query_{i}", "expr": filled})
+    path = tmp_path / "dashboard_queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    proc = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- metric names -------------------------------------------------------------------------------
+
+_METRIC = re.compile(r"(?<![A-Za-z0-9_])streamcl_[a-z0-9_]*[a-z0-9]")
+
+
+def referenced_metrics() -> dict[str, set[str]]:
+    """Every ``streamcl_*`` name in a query of the dashboard (panels, annotations, variables)
+    or in an alert rule's expression: these must be full exposition names."""
+    alert_exprs = " ".join(r["expr"] for r in alert_rules())
+    return {"deploy/grafana/dashboards/streamcl.json":
+            {n for _, expr in dashboard_queries() for n in _METRIC.findall(expr)},
+            "deploy/prometheus/alerts.yml": set(_METRIC.findall(alert_exprs))}
+
+
+def mentioned_metrics() -> dict[str, set[str]]:
+    """Every ``streamcl_*`` name anywhere in the files, prose (descriptions, annotations)
+    included, where a histogram may be named by its family (``streamcl_snapshot_seconds``)."""
+    return {path.name: set(_METRIC.findall(path.read_text())) for path in (DASHBOARD, ALERTS)}
+
+
+def exposed_names(families: list[dict[str, Any]]) -> set[str]:
+    """The full exposition names (``..._total``, ``..._bucket``, ``..._info``, gauges as they
+    are): what a PromQL query must use. A family name alone (``streamcl_publications``) is not
+    queryable and does not count."""
+    return {name for f in families for name in f["samples"]}
+
+
+def assert_all_exposed(families: list[dict[str, Any]], source: str) -> None:
+    exposed = exposed_names(families)
+    assert len(exposed) > 20, f"{source}: suspiciously few metrics: {sorted(exposed)}"
+    for where, names in referenced_metrics().items():
+        assert len(names) >= 5, f"too few streamcl_ metrics found in {where}: {names}"
+        missing = names - exposed
+        assert not missing, (f"{where} queries {sorted(missing)}, which {source} does not "
+                             f"expose; exposed: {sorted(exposed)}")
+    histograms = {f["name"] for f in families if f["type"] == "histogram"}
+    for where, names in mentioned_metrics().items():
+        missing = names - exposed - histograms
+        assert not missing, f"{where} mentions {sorted(missing)}, unknown to {source}"
+
+
+def test_dashboard_and_alerts_use_only_exported_metric_names(gen_reference: ModuleType
+                                                             ) -> None:
+    assert_all_exposed(gen_reference.metric_families(), "a fresh ServiceMetrics")
+
+
+def test_every_exported_metric_is_on_the_dashboard(gen_reference: ModuleType) -> None:
+    """A metric nobody charts is one nobody looks at: a new metric needs a panel."""
+    on_dashboard = referenced_metrics()["deploy/grafana/dashboards/streamcl.json"]
+    for family in gen_reference.metric_families():
+        shown = [n for n in family["samples"] if not n.endswith("_created")]
+        assert set(shown) & on_dashboard, f"{family['name']} is on no dashboard panel"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveService:
+    """`streamcl run` in a subprocess on the embedded broker, with its metrics on ``port``."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+        self.failure: str | None = None  # once it failed to come up, later tests fail at once
+
+    def get(self, path: str, accept: str = "") -> tuple[int, bytes]:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
+                                         headers={"Accept": accept} if accept else {})
+        try:
+            with urllib.request.urlopen(request, timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def wait_for(self, path: str, status: int = 200, accept: str = "") -> bytes:
+        """Poll ``path`` until it answers ``status``; fail early if the service exits."""
+        if self.failure is not None:
+            pytest.fail(self.failure)
+        deadline = time.monotonic() + SERVICE_START_S
+        last: str = "no answer"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.failure = (f"`streamcl run` exited with {self.proc.returncode} before "
+                                f"{path} answered {status}; its output:\n{self.output()}")
+                pytest.fail(self.failure)
+            try:
+                code, body = self.get(path, accept)
+                if code == status:
+                    return body
+                last = f"HTTP {code}: {body[:200]!r}"
+            except OSError as exc:  # not listening yet
+                last = repr(exc)
+            time.sleep(POLL_S)
+        self.failure = (f"`streamcl run` did not answer {status} on http://127.0.0.1:"
+                        f"{self.port}{path} within {SERVICE_START_S:.0f} s (last: {last}). The "
+                        "service must serve /metrics, /healthz and /readyz on "
+                        f"STREAMCL_METRICS_PORT; its output:\n{self.output()}")
+        pytest.fail(self.failure)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    tmp = tmp_path_factory.mktemp("live")
+    config = tmp / "streamcl.yaml"
+    config.write_text(yaml.safe_dump({
+        "input_shape": [64], "hidden": [16], "strategy": "er",
+        "snapshot_dir": str(tmp / "snapshots"), "registry": str(tmp / "registry")}))
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCL_")}
+    env |= {"STREAMCL_METRICS_PORT": str(port), "STREAMCL_METRICS_HOST": "127.0.0.1",
+            "OMP_NUM_THREADS": "1"}
+    log = tmp / "service.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "streamcl.cli", "run", "--config",
+                                 str(config)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        yield LiveService(proc, port, log)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # drain: snapshot, commit, exit
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def test_live_service_exports_every_metric_the_dashboard_and_alerts_use(
+        live_service: LiveService, gen_reference: ModuleType) -> None:
+    body = live_service.wait_for("/metrics", accept=OPENMETRICS)
+    families = gen_reference.parse_families(body.decode())
+    assert_all_exposed(families, "a live `streamcl run` /metrics")
+
+
+def test_live_service_answers_the_probes_the_deployments_use(live_service: LiveService) -> None:
+    """Docker's HEALTHCHECK and the k8s liveness probe hit /healthz, readiness /readyz."""
+    assert json.loads(live_service.wait_for("/healthz")) == {"status": "ok"}
+    assert json.loads(live_service.wait_for("/readyz"))["status"] == "ready"
