@@ -28,7 +28,7 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY streamcl ./streamcl
-RUN pip install --no-cache-dir . "confluent-kafka==2"
+RUN pip install --no-cache-dir . "confluent-kafka==2.16.1"
 
 # -- runtime: the venv on a clean slim image, as a non-root user -------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
