@@ -17,6 +17,7 @@ order matters belongs in a single-partition topic.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterable
@@ -134,11 +135,15 @@ class BatchConsumer:
         self._consumer.subscribe([topic], listener=_Listener(self))
 
     # -- the live stream ----------------------------------------------------------------------
-    def poll_batch(self, max_records: int, max_wait_s: float) -> MicroBatch | None:
+    def poll_batch(self, max_records: int, max_wait_s: float,
+                   interrupt: threading.Event | None = None) -> MicroBatch | None:
         """The next micro-batch, or ``None`` if no message arrived within ``max_wait_s``.
 
         A batch may hold no valid sample (all rejected): it is still returned, so that its
         offsets get journaled and committed. Dead letters are flushed before it is returned.
+        Once ``interrupt`` is set, the wait ends within ~0.1 s with ``None`` and the records
+        gathered so far stay queued for the next call (the batch is not cut short: cuts stay
+        a function of the data and ``max_wait_s``, not of who interrupted).
         """
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
@@ -163,6 +168,11 @@ class BatchConsumer:
             remaining = deadline - time.monotonic()
             if remaining <= 0 and polled:
                 break
+            if interrupt is not None:
+                if interrupt.is_set():
+                    self._pending.extendleft(reversed(items))
+                    return None
+                remaining = min(remaining, 0.1)
             records = self._consumer.poll(timeout_ms=max(0, int(remaining * 1000)),
                                           max_records=max_records - valid)
             polled = True

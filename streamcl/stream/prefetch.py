@@ -243,11 +243,14 @@ def _child() -> int:
 
         fcntl.fcntl(out.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
     commands: queue.Queue[dict[str, Any] | None] = queue.Queue()
+    pending = threading.Event()  # a command waits: end the current poll early
 
     def read_commands() -> None:
         for line in sys.stdin.buffer:
             commands.put(json.loads(line))
+            pending.set()
         commands.put(None)  # end of file: the parent is gone or closing
+        pending.set()
 
     start = json.loads(sys.stdin.buffer.readline())
     threading.Thread(target=read_commands, daemon=True).start()
@@ -260,6 +263,7 @@ def _child() -> int:
     epoch, seen = 0, Counter[str]()
     try:
         while True:
+            pending.clear()
             while True:  # apply every pending command before cutting the next batch
                 try:
                     cmd = commands.get_nowait()
@@ -283,7 +287,7 @@ def _child() -> int:
                     out.write(_frame({"type": "closed"}))
                     out.flush()
                     return 0
-            batch = consumer.poll_batch(start["batch_size"], start["max_wait_s"])
+            batch = consumer.poll_batch(start["batch_size"], start["max_wait_s"], pending)
             if batch is None:
                 out.flush()
                 continue
