@@ -19,6 +19,7 @@ code on load, unlike ``torch.save``/pickle.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -112,6 +113,20 @@ def save_state(tree: Any, path: str | os.PathLike[str]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make renames, links and unlinks in ``directory`` durable (a no-op where unsupported):
+    an atomic rename is only crash-safe once the directory entry itself is on disk."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_state(path: str | os.PathLike[str]) -> Any:

@@ -40,6 +40,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from streamcl.state import fsync_dir
+
 _COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
 _RULE = "relative names of [A-Za-z0-9._-] components only"
 
@@ -106,19 +108,6 @@ class Store(Protocol):
 
 
 # -- local directories ---------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    """Make renames and links in ``directory`` durable (a no-op where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _makedirs(directory: Path) -> None:
     """``mkdir -p`` that also makes each new directory's entry durable in its parent."""
     missing = []
@@ -131,7 +120,7 @@ def _makedirs(directory: Path) -> None:
     for d in reversed(missing):
         with contextlib.suppress(FileExistsError):  # a concurrent writer made it: fine
             d.mkdir()
-        _fsync_dir(d.parent)
+        fsync_dir(d.parent)
 
 
 def _write_temp(target: Path, data: bytes) -> Path:
@@ -160,7 +149,7 @@ def _local_write(target: Path, data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _local_create(target: Path, data: bytes) -> bool:
@@ -173,7 +162,7 @@ def _local_create(target: Path, data: bytes) -> bool:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return True
 
 

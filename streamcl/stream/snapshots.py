@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from streamcl.state import dump_state, load_state
+from streamcl.state import dump_state, fsync_dir, load_state
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class SnapshotStore:
         path, sidecar = self.state_path(covers_seq), self.sidecar_path(covers_seq)
         if sidecar.exists():
             sidecar.unlink()
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         data = dump_state(state)
         digest, size = hashlib.sha256(data).hexdigest(), len(data)
         _write_atomic(path, data, self._temp(path))
@@ -164,7 +164,7 @@ class SnapshotStore:
             if _TEMP.match(name):  # an interrupted write's leftovers (one writer per directory)
                 with contextlib.suppress(FileNotFoundError):
                     (self.directory / name).unlink()
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     # -- reading --------------------------------------------------------------------------
     def list(self) -> list[SnapshotInfo]:
@@ -309,17 +309,4 @@ def _write_atomic(path: Path, data: bytes, tmp: Path) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames and unlinks in ``directory`` durable (a no-op where unsupported)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
