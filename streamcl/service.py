@@ -105,6 +105,12 @@ def apply_batch_entry(trainer: OnlineTrainer, consumer: RangeSource,
     """Re-apply one journaled ``batch`` entry: rebuild the batch, split off the holdout,
     re-plan, check, learn."""
     batch = consumer.read_ranges(ranges_from_json(entry["ranges"]))
+    return apply_batch(trainer, batch, entry, holdout)
+
+
+def apply_batch(trainer: OnlineTrainer, batch: MicroBatch, entry: Mapping[str, Any],
+                holdout: Holdout | None = None) -> MicroBatch:
+    """Re-apply a journaled ``batch`` entry to the batch read back from its ranges."""
     seq = entry.get("seq")
     if len(batch) != entry["samples"] or batch.rejected != entry["rejected"]:
         raise ReplayMismatch(f"journal entry {seq}: ranges {entry['ranges']} give "
@@ -165,7 +171,8 @@ class TrainerService:
                 self.consumer = PrefetchingConsumer(
                     bootstrap, topic, group_id, decoder, batch_size=batch_size,
                     max_wait_s=max_wait_s, cut_at_task_change=wants_task_cuts(config),
-                    client_config=client_config, session_timeout_ms=session_timeout_ms)
+                    client_config=client_config, session_timeout_ms=session_timeout_ms,
+                    hold_until_seek=True)
             else:
                 self.consumer = BatchConsumer(
                     bootstrap, topic, group_id, decoder,
@@ -229,9 +236,16 @@ class TrainerService:
             self._restore_publisher(covers)
         replayed, republished = 0, 0
         end = self.journal.next_seq
-        for entry in self.journal.read(from_seq=covers + 1):
+        entries = list(self.journal.read(from_seq=covers + 1))
+        # the batches are read ahead (by the consumer process) while earlier ones train
+        batches = self.consumer.read_many([ranges_from_json(e["ranges"]) for e in entries
+                                           if e["type"] == "batch"])
+        first_read = None  # when the first batch was read back (the consumer process is up)
+        for entry in entries:
             if entry["type"] == "batch":
-                batch = apply_batch_entry(trainer, self.consumer, entry, self.holdout)
+                read = next(batches)
+                first_read = first_read or time.monotonic()
+                batch = apply_batch(trainer, read, entry, self.holdout)
                 offsets.update(batch.next_offsets)
                 self._note_timestamp(batch)
                 replayed += 1
@@ -257,7 +271,8 @@ class TrainerService:
                                  **extra))
         summary = {"snapshot_seq": None if covers < 0 else covers, "replayed": replayed,
                    "republished": republished, "position": trainer.position,
-                   "offsets": dict(offsets), "seconds": time.monotonic() - t0}
+                   "offsets": dict(offsets), "seconds": time.monotonic() - t0,
+                   "replay_seconds": time.monotonic() - (first_read or time.monotonic())}
         if self.metrics is not None:
             self.metrics.set_experience(trainer.strategy.experience)
             self.metrics.set_journal(0, self.journal.next_seq - 1 - covers)

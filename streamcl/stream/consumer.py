@@ -20,7 +20,7 @@ import contextlib
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -110,7 +110,8 @@ class BatchConsumer:
                  dlq_topic: str | None = None, cut_at_task_change: bool = False,
                  client_config: dict[str, Any] | None = None,
                  consumer_config: dict[str, Any] | None = None,
-                 auto_offset_reset: str = "earliest", session_timeout_ms: int = 10_000) -> None:
+                 auto_offset_reset: str = "earliest", session_timeout_ms: int = 10_000,
+                 hold_until_seek: bool = False) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.group_id = group_id
@@ -127,6 +128,9 @@ class BatchConsumer:
         self._pending: deque[_Item] = deque()
         self._revoked: set[int] = set()
         self._seek_to: dict[int, int] = {}
+        #: join the group but fetch nothing until the first seek (a recovering service knows
+        #: where to start only after its replay, and must not have its CPU taken meanwhile)
+        self._hold = hold_until_seek
         self._producer: KafkaProducer | None = None
         self._replay: RangeReader | None = None
         self._consumer = KafkaConsumer(**{
@@ -205,6 +209,12 @@ class BatchConsumer:
                 self._pending = deque(it for it in self._pending if it[0].partition != p)
             else:
                 self._seek_to[p] = o
+        self._release()
+
+    def _release(self) -> None:
+        if self._hold:
+            self._hold = False
+            self._consumer.resume(*self._consumer.paused())
 
     # -- replay -------------------------------------------------------------------------------
     def read_ranges(self, ranges: dict[int, tuple[int, int]],
@@ -214,6 +224,12 @@ class BatchConsumer:
             self._replay = RangeReader(self.bootstrap, self.topic, self.decoder,
                                        consumer_config=self._config)
         return self._replay.read_ranges(ranges, timeout_s)
+
+    def read_many(self, many: Iterable[dict[int, tuple[int, int]]],
+                  timeout_s: float = 30.0) -> Iterator[MicroBatch]:
+        """The batches of these offset ranges, in order (see :meth:`read_ranges`)."""
+        for ranges in many:
+            yield self.read_ranges(ranges, timeout_s)
 
     def seek_to_beginning(self, timeout_s: float = 30.0) -> dict[int, int]:
         """Continue the live stream at the start of every partition's log (not at the group's
@@ -225,6 +241,7 @@ class BatchConsumer:
             time.sleep(0.1)  # polling interval of a metadata refresh
             parts = kc.partitions_for_topic(self.topic)
         if not parts:
+            self._release()
             return {}
         tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
         offsets = {tp.partition: o for tp, o in kc.beginning_offsets(tps).items()}
@@ -373,8 +390,13 @@ class RangeReader:
         for p in sorted(ranges):
             first, last = ranges[p]
             tp = TopicPartition(self.topic, p)
-            consumer.assign([tp])
-            consumer.seek(tp, first)
+            # consecutive ranges (a journal replayed in order) continue from the records
+            # already fetched: a seek or a new assignment would drop them and cost a round trip
+            if consumer.assignment() != {tp}:
+                consumer.assign([tp])
+                consumer.seek(tp, first)
+            elif consumer.position(tp) != first:
+                consumer.seek(tp, first)
             while consumer.position(tp) <= last:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -385,6 +407,12 @@ class RangeReader:
                 items.extend((r, decode(r.value, r.headers)) for r in records.get(tp, ())
                              if first <= r.offset <= last)
         return assemble(items, self.decoder)
+
+    def read_many(self, many: Iterable[dict[int, tuple[int, int]]],
+                  timeout_s: float = 30.0) -> Iterator[MicroBatch]:
+        """The batches of these offset ranges, in order."""
+        for ranges in many:
+            yield self.read_ranges(ranges, timeout_s)
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
@@ -412,3 +440,5 @@ class _Listener(ConsumerRebalanceListener):
         for tp in assigned:
             if tp.partition in owner._seek_to:
                 owner._consumer.seek(tp, owner._seek_to.pop(tp.partition))
+        if owner._hold:
+            owner._consumer.pause(*assigned)

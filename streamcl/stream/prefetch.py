@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from types import TracebackType
 from typing import IO, Any
 
@@ -59,13 +60,16 @@ class PrefetchingConsumer:
     with consumption running one process ahead.
 
     ``batch_size`` and ``max_wait_s`` are fixed at start (the child cuts batches before they are
-    asked for); ``poll_batch`` must be called with the same ``max_records``.
+    asked for); ``poll_batch`` must be called with the same ``max_records``. With
+    ``hold_until_seek`` the child joins the group at once but fetches nothing before the first
+    seek (a recovering service: its replay gets the CPU, and the live stream starts where the
+    journal ends).
     """
 
     def __init__(self, bootstrap: str, topic: str, group_id: str, decoder: Decoder, *,
                  batch_size: int, max_wait_s: float, cut_at_task_change: bool = False,
                  client_config: dict[str, Any] | None = None,
-                 session_timeout_ms: int = 10_000, start_timeout_s: float = 60.0) -> None:
+                 session_timeout_ms: int = 10_000, hold_until_seek: bool = False) -> None:
         self.bootstrap, self.topic, self.decoder = bootstrap, topic, decoder
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.client_config = dict(client_config or {})
@@ -79,15 +83,16 @@ class PrefetchingConsumer:
         config = {"bootstrap": bootstrap, "topic": topic, "group_id": group_id,
                   "decoder": decoder.spec(), "batch_size": batch_size, "max_wait_s": max_wait_s,
                   "cut_at_task_change": cut_at_task_change, "client_config": self.client_config,
-                  "session_timeout_ms": session_timeout_ms}
+                  "session_timeout_ms": session_timeout_ms, "hold_until_seek": hold_until_seek}
         # the config (it may hold credentials) goes on stdin, not on the command line
         self._proc = subprocess.Popen([sys.executable, "-m", "streamcl.stream.prefetch"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._stdin: IO[bytes] = self._proc.stdin
         self._fd = self._proc.stdout.fileno()
+        # not waiting for the child's "ready": its start (imports, group join) overlaps with
+        # the parent's recovery; a child that fails to start reports it at the first poll
         self._send({"op": "start", **config})
-        self._next_frame(start_timeout_s, wanted="ready")
 
     # -- the live stream ------------------------------------------------------------------
     def poll_batch(self, max_records: int, max_wait_s: float) -> MicroBatch | None:
@@ -127,6 +132,20 @@ class PrefetchingConsumer:
     def commit(self, offsets: dict[int, int]) -> None:
         """Commit next-offsets in the group (asynchronously: the journal is the truth)."""
         self._send({"op": "commit", "offsets": {str(p): o for p, o in offsets.items()}})
+
+    def read_many(self, many: Iterable[dict[int, tuple[int, int]]],
+                  timeout_s: float = 30.0) -> Iterator[MicroBatch]:
+        """The batches of these offset ranges, in order, read by the child process while this
+        one trains on the previous ones (journal replay at the speed of training)."""
+        requests = list(many)
+        for k, ranges in enumerate(requests):
+            self._send({"op": "read", "id": k, "timeout_s": timeout_s,
+                        "ranges": {str(p): list(r) for p, r in ranges.items()}})
+        for k in range(len(requests)):
+            header, payload = self._next_frame(timeout_s + 10, wanted="range")
+            if header["id"] != k:
+                raise ConsumerProcessError(f"replay read {header['id']} came before {k}")
+            yield _batch_from_frame(header, payload, self.decoder)
 
     def read_ranges(self, ranges: dict[int, tuple[int, int]],
                     timeout_s: float = 30.0) -> MicroBatch:
@@ -230,6 +249,15 @@ def _batch_from_frame(header: dict[str, Any], payload: bytes, decoder: Decoder) 
                       header["rejected"], header["timestamp_ms"], header["ids"])
 
 
+def _batch_frame(batch: MicroBatch, kind: str) -> tuple[dict[str, Any], bytes]:
+    x = batch.x.numpy()
+    return {"type": kind, "dtype": x.dtype.name, "shape": list(x.shape), "y": batch.y.tolist(),
+            "task": None if batch.task is None else batch.task.tolist(),
+            "ranges": {str(p): list(r) for p, r in batch.ranges.items()},
+            "rejected": batch.rejected, "timestamp_ms": batch.timestamp_ms,
+            "ids": batch.ids}, x.tobytes()
+
+
 def _frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
     head = json.dumps(header).encode()
     return _FRAME.pack(len(head), len(payload)) + head + payload
@@ -257,10 +285,11 @@ def _child() -> int:
     consumer = BatchConsumer(
         start["bootstrap"], start["topic"], start["group_id"], Decoder(**start["decoder"]),
         cut_at_task_change=start["cut_at_task_change"], client_config=start["client_config"],
-        session_timeout_ms=start["session_timeout_ms"])
+        session_timeout_ms=start["session_timeout_ms"], hold_until_seek=start["hold_until_seek"])
     out.write(_frame({"type": "ready"}))
     out.flush()
     epoch, seen = 0, Counter[str]()
+    reader: RangeReader | None = None
     try:
         while True:
             pending.clear()
@@ -280,9 +309,22 @@ def _child() -> int:
                     offsets = consumer.seek_to_beginning(cmd["timeout_s"])
                     out.write(_frame({"type": "sought",
                                       "offsets": {str(p): o for p, o in offsets.items()}}))
+                elif op == "read":
+                    if reader is None:
+                        reader = RangeReader(start["bootstrap"], start["topic"],
+                                             consumer.decoder,
+                                             client_config=start["client_config"])
+                    got = reader.read_ranges({int(p): (r[0], r[1])
+                                              for p, r in cmd["ranges"].items()},
+                                             cmd["timeout_s"])
+                    header, data = _batch_frame(got, "range")
+                    out.write(_frame({**header, "id": cmd["id"]}, data))
+                    out.flush()
                 elif op == "commit":
                     consumer.commit({int(p): o for p, o in cmd["offsets"].items()})
                 elif op == "close":
+                    if reader is not None:
+                        reader.close()
                     consumer.close()
                     out.write(_frame({"type": "closed"}))
                     out.flush()
@@ -293,15 +335,10 @@ def _child() -> int:
                 continue
             codes = consumer.rejections - seen
             seen = Counter(consumer.rejections)
-            x = batch.x.numpy()
-            header = {"type": "batch", "epoch": epoch, "dtype": x.dtype.name,
-                      "shape": list(x.shape), "y": batch.y.tolist(),
-                      "task": None if batch.task is None else batch.task.tolist(),
-                      "ranges": {str(p): list(r) for p, r in batch.ranges.items()},
-                      "rejected": batch.rejected, "timestamp_ms": batch.timestamp_ms,
-                      "ids": batch.ids, "rejected_codes": dict(codes),
-                      "lag": {str(p): n for p, n in consumer.lag().items()}}
-            out.write(_frame(header, x.tobytes()))
+            header, data = _batch_frame(batch, "batch")
+            header.update(epoch=epoch, rejected_codes=dict(codes),
+                          lag={str(p): n for p, n in consumer.lag().items()})
+            out.write(_frame(header, data))
             out.flush()
     except BrokenPipeError:
         os._exit(0)  # parent gone
