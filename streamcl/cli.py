@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("b", help="7 or v7")
     diff.add_argument("--json", action="store_true", help="print one JSON object")
 
-    rpt = sub.add_parser("report", help="an HTML report: accuracy, boundaries, versions, gate")
+    rpt = sub.add_parser("report", help="write an HTML report: accuracy over time, boundaries, "
+                         "model versions and quality-gate decisions")
     rpt.add_argument("--config", type=Path, help="service settings (YAML): name, Kafka, registry")
     rpt.add_argument("--bootstrap-servers", help="Kafka bootstrap servers (default: the config's)")
     rpt.add_argument("--name", help="learner name: reads <name>.journal (default: the config's)")
