@@ -102,54 +102,8 @@ def _default(field: Any) -> str:
     return _code(json.dumps(value) if not isinstance(value, str) else value)
 
 
-#: Descriptions for settings whose ``Field`` has none yet. The model's own ``description`` wins;
-#: move these into streamcl/settings.py (``Field(..., description=...)``) and delete them here.
-FALLBACK_DESCRIPTIONS: dict[str, str] = {
-    "bootstrap_servers": "Kafka bootstrap servers (host:port[,host:port...]); unset: start the "
-                         "embedded broker on a free loopback port",
-    "security_protocol": "PLAINTEXT, SSL (TLS) or SASL_SSL (SASL over TLS)",
-    "ssl_cafile": "CA bundle (PEM) that signed the brokers' certificates",
-    "ssl_certfile": "client certificate (PEM) for mutual TLS; with ssl_keyfile",
-    "ssl_keyfile": "client private key (PEM) for mutual TLS; with ssl_certfile",
-    "sasl_mechanism": "with SASL_SSL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
-    "sasl_plain_username": "with SASL_SSL: the user name",
-    "sasl_plain_password": "with SASL_SSL: the password (give it as an environment variable "
-                           "from a secret, not in the file)",
-    "topic": "input topic of labelled samples (created with one partition if missing)",
-    "group_id": "Kafka consumer group (default: name)",
-    "encoding": "how the input messages are encoded (see Message formats)",
-    "batch_size": "samples per micro-batch: one journal entry and one train step",
-    "max_wait_s": "longest wait for a micro-batch to fill before a partial one is trained",
-    "snapshot_dir": "directory of the state snapshots (safetensors + SHA-256 sidecars)",
-    "snapshot_every_batches": "snapshot after this many batches",
-    "snapshot_every_s": "also snapshot this often in seconds, on a quiet stream too (unset: "
-                        "by batches only)",
-    "keep_snapshots": "newest snapshots kept; older ones are deleted",
-    "publish_every_samples": "publish a candidate model every this many trained samples "
-                             "(unset: not by count)",
-    "publish_every_s": "publish a candidate model every this many seconds (unset: not by time)",
-    "publish_at_experience_end": "publish a candidate model when an experience ends",
-    "metrics_host": "address of the /metrics, /healthz and /readyz HTTP server",
-    "input_shape": "shape of one sample's x, e.g. [784] or [1, 28, 28]",
-    "model": "mlp, cnn or package.module:function",
-    "hidden": "MLP layer widths, or CNN channel counts",
-    "strategy": "continual-learning strategy (see Strategies)",
-    "params": 'the strategy\'s parameters, e.g. {"mem_size": 500}',
-    "lr": "SGD learning rate",
-    "momentum": "SGD momentum",
-    "boundaries": "experience boundary triggers: drift, task, new-class, every:N, or a comma "
-                  "list",
-    "detector": "drift detector: adwin, page-hinkley, ddm or kswin",
-    "detector_params": 'the detector\'s parameters (River\'s names), e.g. {"delta": 0.002}',
-    "min_length": "fewest samples in an inferred (drift, new-class) experience",
-    "cooldown": "samples after a boundary before the detector listens again",
-    "monitor": "what the drift detector watches: prequential errors or losses",
-    "seed": "random seed (initialisation, replay sampling, holdout selection)",
-}
-
-
 def setting_description(name: str, field: Any) -> str:
-    return field.description or FALLBACK_DESCRIPTIONS.get(name, "")
+    return field.description or ""
 
 
 def render_config() -> str:

@@ -29,57 +29,96 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STREAMCL_", extra="forbid")
 
     # Kafka: no bootstrap servers means "start the embedded broker"
-    bootstrap_servers: str | None = None
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = "PLAINTEXT"
-    ssl_cafile: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    sasl_mechanism: str | None = None
-    sasl_plain_username: str | None = None
-    sasl_plain_password: str | None = None
-    topic: str = Field("samples", min_length=1)
+    bootstrap_servers: str | None = Field(
+        None,
+        description="Kafka bootstrap servers (host:port[,host:port...]); unset: start the "
+                    "embedded broker on a free loopback port")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = Field(
+        "PLAINTEXT", description='PLAINTEXT, SSL (TLS) or SASL_SSL (SASL over TLS)')
+    ssl_cafile: str | None = Field(
+        None, description="CA bundle (PEM) that signed the brokers' certificates")
+    ssl_certfile: str | None = Field(
+        None, description='client certificate (PEM) for mutual TLS; with ssl_keyfile')
+    ssl_keyfile: str | None = Field(
+        None, description='client private key (PEM) for mutual TLS; with ssl_certfile')
+    sasl_mechanism: str | None = Field(
+        None, description='with SASL_SSL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512')
+    sasl_plain_username: str | None = Field(None, description='with SASL_SSL: the user name')
+    sasl_plain_password: str | None = Field(
+        None,
+        description="with SASL_SSL: the password (give it as an environment variable from a "
+                    "secret, not in the file)")
+    topic: str = Field(
+        "samples", min_length=1,
+        description='input topic of labelled samples (created with one partition if missing)')
     name: str = Field("streamcl", min_length=1, description="journal topic is <name>.journal")
-    group_id: str | None = None
-    encoding: Literal["binary", "json"] = "binary"
+    group_id: str | None = Field(None, description='Kafka consumer group (default: name)')
+    encoding: Literal["binary", "json"] = Field(
+        "binary", description='how the input messages are encoded (see Message formats)')
     # micro-batches and snapshots
-    batch_size: PositiveInt = 32
-    max_wait_s: PositiveFloat = 0.5
-    snapshot_dir: Path = Path("snapshots")
-    snapshot_every_batches: PositiveInt = 100
-    snapshot_every_s: PositiveFloat | None = 60.0
-    keep_snapshots: PositiveInt = 3
+    batch_size: PositiveInt = Field(
+        32, description='samples per micro-batch: one journal entry and one train step')
+    max_wait_s: PositiveFloat = Field(
+        0.5, description='longest wait for a micro-batch to fill before a partial one is trained')
+    snapshot_dir: Path = Field(
+        Path("snapshots"),
+        description='directory of the state snapshots (safetensors + SHA-256 sidecars)')
+    snapshot_every_batches: PositiveInt = Field(100, description='snapshot after this many batches')
+    snapshot_every_s: PositiveFloat | None = Field(
+        60.0,
+        description="also snapshot this often in seconds, on a quiet stream too (unset: by "
+                    "batches only)")
+    keep_snapshots: PositiveInt = Field(
+        3, description='newest snapshots kept; older ones are deleted')
     prefetch: bool = Field(True, description="consume in a child process, one batch ahead")
     torch_threads: PositiveInt | None = Field(
         None, description="torch intra-op threads (default: torch's choice)")
     # model registry and publication (issue 4)
     registry: str = Field("registry", min_length=1,
                           description="a directory, or an fsspec URL such as s3://bucket/path")
-    publish_every_samples: PositiveInt | None = 5000
-    publish_every_s: PositiveFloat | None = None
-    publish_at_experience_end: bool = True
+    publish_every_samples: PositiveInt | None = Field(
+        5000,
+        description="publish a candidate model every this many trained samples (unset: not "
+                    "by count)")
+    publish_every_s: PositiveFloat | None = Field(
+        None, description='publish a candidate model every this many seconds (unset: not by time)')
+    publish_at_experience_end: bool = Field(
+        True, description='publish a candidate model when an experience ends')
     gate_tolerance: float = Field(0.02, ge=0, le=1, description="accepted accuracy drop")
     holdout_fraction: float = Field(0.05, ge=0, lt=1,
                                     description="share of samples kept out of training")
     holdout_size: PositiveInt = Field(1000, description="class-balanced holdout reservoir")
     # metrics and health endpoints
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = Field(
+        "0.0.0.0", description='address of the /metrics, /healthz and /readyz HTTP server')
     metrics_port: int = Field(9100, ge=0, le=65535, description="0: no HTTP endpoint")
     metrics_window: PositiveInt = Field(1000, description="samples in windowed accuracy/loss")
     # the learner (see `streamcl simulate --help` for the meaning of each)
-    input_shape: list[PositiveInt]
-    model: str = "mlp"
-    hidden: list[PositiveInt] = [256, 256]
-    strategy: str = "der++"
-    params: dict[str, Any] = {}
-    lr: PositiveFloat = 0.05
-    momentum: float = Field(0.0, ge=0)
-    boundaries: str = "drift"
-    detector: str = "adwin"
-    detector_params: dict[str, Any] = {}
-    min_length: int = Field(0, ge=0)
-    cooldown: int = Field(0, ge=0)
-    monitor: Literal["error", "loss"] = "error"
-    seed: int = 0
+    input_shape: list[PositiveInt] = Field(
+        description="shape of one sample's x, e.g. [784] or [1, 28, 28]")
+    model: str = Field("mlp", description='mlp, cnn or package.module:function')
+    hidden: list[PositiveInt] = Field(
+        [256, 256], description='MLP layer widths, or CNN channel counts')
+    strategy: str = Field("der++", description='continual-learning strategy (see Strategies)')
+    params: dict[str, Any] = Field(
+        {}, description='the strategy\'s parameters, e.g. {"mem_size": 500}')
+    lr: PositiveFloat = Field(0.05, description='SGD learning rate')
+    momentum: float = Field(0.0, ge=0, description='SGD momentum')
+    boundaries: str = Field(
+        "drift",
+        description="experience boundary triggers: drift, task, new-class, every:N, or a "
+                    "comma list")
+    detector: str = Field("adwin", description='drift detector: adwin, page-hinkley, ddm or kswin')
+    detector_params: dict[str, Any] = Field(
+        {}, description='the detector\'s parameters (River\'s names), e.g. {"delta": 0.002}')
+    min_length: int = Field(
+        0, ge=0, description='fewest samples in an inferred (drift, new-class) experience')
+    cooldown: int = Field(
+        0, ge=0, description='samples after a boundary before the detector listens again')
+    monitor: Literal["error", "loss"] = Field(
+        "error", description='what the drift detector watches: prequential errors or losses')
+    seed: int = Field(
+        0, description='random seed (initialisation, replay sampling, holdout selection)')
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
