@@ -155,3 +155,10 @@ def promtool() -> str:
         return prometheus_helper.find_binary("promtool")
     except FileNotFoundError as exc:
         pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def gen_reference() -> ModuleType:
+    """docs/gen_reference.py, the README's reference generator."""
+    return load_module("streamcl_docs_gen_reference",
+                       Path(__file__).parents[1] / "docs" / "gen_reference.py")
