@@ -94,7 +94,7 @@ def keep_holdout(holdout: Holdout | None, batch: MicroBatch, mask: torch.Tensor 
     if holdout is None:
         return 0
     if mask is None:
-        holdout.add(batch.x[:0], batch.y[:0], experience, len(batch))
+        holdout.advance(len(batch))
         return 0
     holdout.add(batch.x[mask], batch.y[mask], experience, len(batch))
     return int(mask.sum())
@@ -321,11 +321,8 @@ class TrainerService:
             pub.production_version = version
             return 0
         log.warning("v%d was journaled but not in the registry: publishing it now", version)
-        candidate = pub.evaluate(self.trainer, self.holdout or Holdout(0, 1),
-                                 entry["trigger"], entry["metrics"].get("experience", 0),
-                                 finished=False)
-        candidate.metrics, candidate.gate = dict(entry["metrics"]), dict(entry["gate"])
-        pub.commit(candidate, version, self.trainer, **self._manifest_fields(entry["seq"]))
+        pub.commit(pub.rebuild(self.trainer, entry), version, self.trainer,
+                   **self._manifest_fields(entry["seq"]))
         return 1
 
     # -- the loop ---------------------------------------------------------------------------

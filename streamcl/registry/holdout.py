@@ -77,6 +77,10 @@ class Holdout:
             quota = buf.capacity // len(buf.slots)
             for g in buf.seen:  # counts capped at the quota: replacement, not a reservoir
                 buf.seen[g] = min(buf.seen[g], quota)
+        self.advance(n_seen)
+
+    def advance(self, n_seen: int) -> None:
+        """Move the stream index past ``n_seen`` samples (a batch with none held out)."""
         self.seen += n_seen
 
     def __len__(self) -> int:

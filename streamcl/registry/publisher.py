@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,7 +56,6 @@ class Candidate:
     model: dict[str, Any]
     metrics: dict[str, Any]
     gate: dict[str, Any]
-    correct: torch.Tensor = field(repr=False)
 
 
 def _finite(value: float) -> float | None:
@@ -114,8 +113,8 @@ class Publisher:
         ended (its accuracy row is then final and kept for the matrix).
         """
         tensors, section = export_model(trainer)
-        candidate = InferenceModel(tensors, {"model": section})
-        correct, exp = holdout.evaluate(candidate.predict)
+        model = InferenceModel(tensors, {"model": section})
+        correct, exp = holdout.evaluate(model.predict)
         cand_acc = accuracy(correct)
         prod_acc, flips = None, math.nan
         if self.production is not None:
@@ -147,7 +146,15 @@ class Publisher:
                 "production": None if prod_acc is None else _finite(prod_acc),
                 "production_version": self.production_version,
                 "tolerance": self.policy.tolerance}
-        return Candidate(trigger, promote, reason, tensors, section, metrics, gate, correct)
+        return Candidate(trigger, promote, reason, tensors, section, metrics, gate)
+
+    @staticmethod
+    def rebuild(trainer: OnlineTrainer, entry: Mapping[str, Any]) -> Candidate:
+        """The candidate a journaled ``publish`` entry judged, exported again from the replayed
+        trainer, with the entry's own verdict and metrics (nothing is re-evaluated)."""
+        tensors, section = export_model(trainer)
+        return Candidate(entry["trigger"], True, entry["gate"].get("reason", ""), tensors,
+                         section, dict(entry["metrics"]), dict(entry["gate"]))
 
     @staticmethod
     def matrix(rows: dict[int, dict[int, float]]) -> list[list[float | None]]:

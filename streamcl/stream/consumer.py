@@ -219,17 +219,19 @@ class BatchConsumer:
     # -- replay -------------------------------------------------------------------------------
     def read_ranges(self, ranges: dict[int, tuple[int, int]],
                     timeout_s: float = 30.0) -> MicroBatch:
-        """Rebuild the batch of these offset ranges (see :meth:`RangeReader.read`)."""
-        if self._replay is None:
-            self._replay = RangeReader(self.bootstrap, self.topic, self.decoder,
-                                       consumer_config=self._config)
-        return self._replay.read_ranges(ranges, timeout_s)
+        """Rebuild the batch of these offset ranges (see :meth:`RangeReader.read_ranges`)."""
+        return self._replay_reader().read_ranges(ranges, timeout_s)
 
     def read_many(self, many: Iterable[dict[int, tuple[int, int]]],
                   timeout_s: float = 30.0) -> Iterator[MicroBatch]:
-        """The batches of these offset ranges, in order (see :meth:`read_ranges`)."""
-        for ranges in many:
-            yield self.read_ranges(ranges, timeout_s)
+        """The batches of these offset ranges, in order (see :meth:`RangeReader.read_many`)."""
+        return self._replay_reader().read_many(many, timeout_s)
+
+    def _replay_reader(self) -> RangeReader:
+        if self._replay is None:
+            self._replay = RangeReader(self.bootstrap, self.topic, self.decoder,
+                                       consumer_config=self._config)
+        return self._replay
 
     def seek_to_beginning(self, timeout_s: float = 30.0) -> dict[int, int]:
         """Continue the live stream at the start of every partition's log (not at the group's

@@ -222,7 +222,7 @@ class PrefetchingConsumer:
                                                f"{self._proc.wait()})")
                 self._buf += chunk
 
-    def _parse(self) -> tuple[dict[str, Any], bytes] | None:
+    def _parse(self) -> tuple[dict[str, Any], bytearray] | None:
         if len(self._buf) < _FRAME.size:
             return None
         hlen, plen = _FRAME.unpack_from(self._buf)
@@ -230,16 +230,16 @@ class PrefetchingConsumer:
         if len(self._buf) < end:
             return None
         header = json.loads(bytes(self._buf[_FRAME.size:_FRAME.size + hlen]))
-        payload = bytes(self._buf[_FRAME.size + hlen:end])
+        payload = self._buf[_FRAME.size + hlen:end]  # a copy, writable: torch can own it
         del self._buf[:end]
         return header, payload
 
 
-def _batch_from_frame(header: dict[str, Any], payload: bytes, decoder: Decoder) -> MicroBatch:
+def _batch_from_frame(header: dict[str, Any], payload: bytearray,
+                      decoder: Decoder) -> MicroBatch:
     shape = header["shape"]
     if shape[0]:
-        x = torch.from_numpy(np.frombuffer(bytearray(payload), dtype=header["dtype"])
-                             .reshape(shape))
+        x = torch.from_numpy(np.frombuffer(payload, dtype=header["dtype"]).reshape(shape))
     else:
         x = torch.empty((0, *decoder.input_shape), dtype=torch.float32)
     task = header["task"]
