@@ -177,9 +177,12 @@ class ADWIN(DriftDetector):
 
     def _is_significant(self, n0: float, n1: float, diff: float) -> bool:
         log_term = math.log(2 * math.log(self._width) / self.delta)
+        # the running variance is updated by subtraction when buckets are dropped; over a
+        # window of identical values it can end a rounding error below zero (-2e-15)
+        variance = max(self._variance, 0.0)
         m_inv = 1.0 / (n0 - self.min_window_length + 1) + 1.0 / (n1 - self.min_window_length + 1)
         epsilon = (
-            math.sqrt(2 * m_inv * (self._variance / self._width) * log_term)
+            math.sqrt(2 * m_inv * (variance / self._width) * log_term)
             + 2 / 3 * log_term * m_inv
         )
         return abs(diff) > epsilon
