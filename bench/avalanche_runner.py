@@ -49,8 +49,7 @@ import sys
 import time
 import traceback
 
-STRATEGIES = ("naive", "er", "agem", "der", "der++", "mas", "il2m", "rar")
-N_CLASSES = 10
+STRATEGIES = ("naive", "er", "er-ace", "agem", "der", "der++", "mas", "il2m", "rar")
 
 
 class RunnerError(Exception):
@@ -101,13 +100,13 @@ def build_argparser():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--shuffle",
-        action="store_true",
-        help="let Avalanche shuffle the train dataloader (its default). Without "
-        "this flag strategy.train(exp, shuffle=False) is used so that the current "
-        "experience is visited in file (stream) order; note that Avalanche passes "
-        "the same flag to the replay-memory loaders of ER / IL2M / RAR, which then "
-        "cycle through the buffer in buffer order instead of sampling randomly",
+        "--order",
+        choices=("stream", "shuffled", "stream-memory-in-order"),
+        default="stream",
+        help="stream: the incoming data in file (stream) order, replay memories sampled at "
+        "random (what a live stream imposes, nothing more); shuffled: Avalanche's default, "
+        "every experience reshuffled; stream-memory-in-order: strategy.train(exp, "
+        "shuffle=False) as it is, which also walks ER/IL2M/RAR memories in stored order",
     )
     p.add_argument(
         "--param",
@@ -139,28 +138,27 @@ def load_npz(path, what):
         raise RunnerError(f"cannot read {what} file {path}: {exc}") from exc
     n = x.shape[0]
     x = x.reshape(n, -1)
-    if x.shape[1] != 784:
-        raise RunnerError(f"{what} x must be N x 784, got {tuple(x.shape)}")
     if y.shape[0] != n or task.shape[0] != n:
         raise RunnerError(f"{what}: x, y and task lengths differ")
     if n == 0:
         raise RunnerError(f"{what} file is empty")
-    if y.min() < 0 or y.max() >= N_CLASSES:
-        raise RunnerError(f"{what} labels must be in 0..{N_CLASSES - 1}")
-    xf = x.astype(np.float32) / 255.0
+    if y.min() < 0:
+        raise RunnerError(f"{what} labels must be >= 0")
+    # uint8 inputs are image bytes (as streamcl reads them); anything else is used as it is
+    xf = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
     return xf, y, task
 
 
-def make_model():
+def make_model(n_features, n_classes):
     from torch import nn
 
     return nn.Sequential(
         nn.Flatten(),
-        nn.Linear(784, 256),
+        nn.Linear(n_features, 256),
         nn.ReLU(),
         nn.Linear(256, 256),
         nn.ReLU(),
-        nn.Linear(256, N_CLASSES),
+        nn.Linear(256, n_classes),
     )
 
 
@@ -208,6 +206,12 @@ def build_strategy(args, model, optimizer, criterion, params):
         kw = {"mem_size": args.mem_size, **params}
         check_params(Replay.__init__, kw, "Replay")
         return Replay(**{**common, **kw}), kw, "Replay"
+    if name == "er-ace":
+        from avalanche.training import ER_ACE
+
+        kw = {"mem_size": args.mem_size, "batch_size_mem": args.batch_size, **params}
+        check_params(ER_ACE.__init__, kw, "ER_ACE")
+        return ER_ACE(**{**common, **kw}), kw, "ER_ACE"
     if name in ("der", "der++"):
         kw = {
             "mem_size": args.mem_size,
@@ -259,14 +263,43 @@ def build_benchmark(train, test):
 
     train_exps = stream(*train)
     test_exps = stream(*test)
-    if len(train_exps) != 5:
-        print(
-            f"avalanche_runner: warning: train file has {len(train_exps)} experiences (expected 5)",
-            file=sys.stderr,
-        )
     # with_classes_timeline adds classes_in_this_experience / previous_classes /
     # classes_seen_so_far / future_classes, which IL2M needs.
     return with_classes_timeline(benchmark_from_datasets(train=train_exps, test=test_exps))
+
+
+def shuffle_memory_loaders(strategy):
+    """Keep the incoming data in stream order but draw replay memories at random.
+
+    ``strategy.train(exp, shuffle=False)`` reaches the memory loaders of ER and IL2M (a
+    ``ReplayDataLoader``: the experience's data first, then the memory) and of RAR (its own
+    ``replay_loader``) too, which then walk the memory in stored order. Here the memory
+    part of every ``ReplayDataLoader`` is sampled with shuffling, and RAR's replay loader is
+    rebuilt shuffled; the incoming data (dataset 0) keeps its order.
+    """
+    from avalanche.benchmarks.utils import data_loader as dl
+    from torch.utils.data import DataLoader
+
+    def create_samplers(datasets, batch_sizes, distributed_sampling, loader_kwargs):
+        samplers = []
+        for i, (d, b) in enumerate(zip(datasets, batch_sizes, strict=True)):
+            kwargs = dict(loader_kwargs, shuffle=i > 0 or loader_kwargs.get("shuffle", False))
+            samplers.append(dl._make_sampler(d, distributed_sampling, kwargs, b))
+        return samplers
+
+    dl.ReplayDataLoader._create_samplers = staticmethod(create_samplers)
+    for plugin in strategy.plugins:
+        if type(plugin).__name__ == "RARPlugin":
+            original = plugin.before_training_exp
+
+            def before_training_exp(strat, *a, _orig=original, _plugin=plugin, **kw):
+                _orig(strat, *a, **kw)
+                if getattr(_plugin, "replay_loader", None) is not None:
+                    _plugin.replay_loader = DataLoader(_plugin.storage_policy.buffer,
+                                                       batch_size=_plugin.batch_size_mem,
+                                                       shuffle=True)
+
+            plugin.before_training_exp = before_training_exp
 
 
 def avalanche_version():
@@ -318,14 +351,17 @@ def run(args):
             self.total += int(strategy.mb_y.numel())
 
     bench = build_benchmark(train, test)
-    model = make_model()
+    n_classes = int(max(train[1].max(), test[1].max())) + 1
+    model = make_model(train[0].shape[1], n_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.0)
     criterion = torch.nn.CrossEntropyLoss()
     strategy, algo_kwargs, algo_desc = build_strategy(args, model, optimizer, criterion, params)
     recorder = EvalPathAccuracy()
     strategy.plugins.append(recorder)  # last, so it sees rectified outputs
 
-    train_kwargs = {} if args.shuffle else {"shuffle": False}
+    train_kwargs = {} if args.order == "shuffled" else {"shuffle": False}
+    if args.order == "stream":
+        shuffle_memory_loaders(strategy)
     n_samples = int(train[0].shape[0])
 
     # ---- timed region: the training loop only ----
@@ -358,14 +394,7 @@ def run(args):
         f"threads={args.threads}, seed={args.seed} (random/numpy/torch)",
         "evaluator=None (main turns it into EvaluationPlugin() with no metrics "
         "and no loggers), eval_every=-1",
-        "train dataloader: "
-        + (
-            "Avalanche default shuffle=True"
-            if args.shuffle
-            else "strategy.train(exp, shuffle=False): current data in stream order; "
-            "memory loaders that take the same flag (ER/IL2M ReplayDataLoader, RAR) "
-            "then also iterate the buffer in order"
-        ),
+        f"order={args.order}",
         "timing = wall time of the 5 strategy.train() calls (includes "
         "per-experience buffer updates / importance / IL2M statistics passes done "
         f"inside train()); process CPU time over the same region = {cpu_seconds:.2f}s",

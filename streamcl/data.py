@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,63 @@ def permuted_stream(data: Stream, n_exp: int = 5, seed: int = 0, train: bool = T
     tasks = [np.full(len(idx), t, dtype=np.int64) for t, idx in enumerate(parts)]
     return Stream(np.concatenate(xs).reshape(-1, *data.x.shape[1:]), np.concatenate(ys),
                   np.concatenate(tasks))
+
+
+def experience_bounds(task: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of one task value.
+
+    >>> experience_bounds(np.array([0, 0, 1, 1, 1, 0]))
+    [(0, 2), (2, 5), (5, 6)]
+    """
+    starts = [0, *(np.flatnonzero(np.diff(task)) + 1).tolist(), len(task)]
+    return list(itertools.pairwise(starts))
+
+
+def cut_experiences(data: Stream, per_experience: int) -> Stream:
+    """The first ``per_experience`` samples of every experience (runs of one ``task`` value),
+    in stream order: short experiences, where a learner has only a few dozen batches to pick
+    up new classes.
+
+    >>> labels = np.array([0, 0, 0, 1, 1, 1])
+    >>> s = Stream(np.arange(6).reshape(6, 1), labels, task=labels)
+    >>> cut_experiences(s, 2).y.tolist()
+    [0, 0, 1, 1]
+    """
+    if data.task is None:
+        raise DataError("cutting experiences needs the stream's task values")
+    keep = np.concatenate([np.arange(lo, min(lo + per_experience, hi))
+                           for lo, hi in experience_bounds(data.task)])
+    return Stream(data.x[keep], data.y[keep], data.task[keep])
+
+
+def label_runs(data: Stream, mean_run: float, seed: int = 0) -> Stream:
+    """Reorder each experience into runs of one label, of geometric length ``mean_run``.
+
+    Real streams are rarely shuffled: a sensor, a user session or a batch job sends many
+    samples of one kind in a row. Within every experience (same samples, same experience
+    order), the next sample keeps the current label with probability ``1 - 1/mean_run`` and
+    otherwise draws a label uniformly among those with samples left; within a label the order
+    is random. A learner that only follows the latest batches forgets the experience's other
+    classes within the experience itself.
+
+    >>> s = Stream(np.zeros((8, 1)), np.array([0, 1] * 4), np.zeros(8, dtype=np.int64))
+    >>> sorted(label_runs(s, mean_run=4).y.tolist())
+    [0, 0, 0, 0, 1, 1, 1, 1]
+    """
+    rng = np.random.default_rng(seed)
+    task = data.task if data.task is not None else np.zeros(len(data), dtype=np.int64)
+    order: list[int] = []
+    for lo, hi in experience_bounds(task):
+        idx = np.arange(lo, hi)
+        pools = {int(c): list(rng.permutation(idx[data.y[idx] == c]))
+                 for c in np.unique(data.y[idx])}
+        label = int(rng.choice(list(pools)))
+        for _ in range(len(idx)):
+            if not pools[label] or rng.random() < 1.0 / mean_run:
+                label = int(rng.choice([c for c, p in pools.items() if p]))
+            order.append(pools[label].pop())
+    o = np.array(order, dtype=np.int64)
+    return Stream(data.x[o], data.y[o], None if data.task is None else data.task[o])
 
 
 def write_datasets(out: Path, seed: int = 0) -> list[Path]:
