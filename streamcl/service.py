@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from streamcl.metrics.prometheus import ServiceMetrics
+from streamcl.models import build_model
 from streamcl.registry.holdout import Holdout
 from streamcl.registry.publisher import Publisher
 from streamcl.state import state_sha256
@@ -50,6 +51,7 @@ from streamcl.stream.journal import (
 from streamcl.stream.messages import Decoder
 from streamcl.stream.prefetch import PrefetchingConsumer
 from streamcl.stream.snapshots import SnapshotStore
+from streamcl.threads import configure_threads
 from streamcl.trainer import OnlineTrainer, Plan, StepResult, TrainerConfig
 
 if TYPE_CHECKING:
@@ -392,10 +394,7 @@ class TrainerService:
         if plan is not None and plan.boundary is not None:
             m.boundary(plan.boundary.trigger, plan.boundary.experience)
         m.set_consumer_lag(self.consumer.lag())
-        buffer = getattr(self.trainer.strategy, "buffer", None)
-        buffer = buffer if buffer is not None else getattr(self.trainer.strategy, "memory", None)
-        if buffer is not None:
-            m.set_buffer(len(buffer), buffer.capacity)
+        m.set_buffer(*self.trainer.strategy.memory_usage())
         m.set_journal(0, self.journal.next_seq - 1 - self._snapshot_seq)
 
     def _note_timestamp(self, batch: MicroBatch) -> None:
@@ -522,8 +521,10 @@ def service_from_settings(settings: Settings, bootstrap: str
     from streamcl.registry.publisher import PublishPolicy
     from streamcl.registry.registry import ModelRegistry
 
-    if settings.torch_threads is not None:
-        torch.set_num_threads(settings.torch_threads)
+    config = settings.trainer_config()
+    configure_threads(settings.torch_threads,
+                      build_model(config.model, config.input_shape, config.hidden),
+                      config.input_shape, settings.batch_size, reserve=int(settings.prefetch))
     client = settings.kafka_client_config()
     metrics = ServiceMetrics(window=settings.metrics_window, gate_reasons=("worse",))
     holdout = (Holdout(settings.holdout_fraction, settings.holdout_size, settings.seed)
@@ -537,7 +538,7 @@ def service_from_settings(settings: Settings, bootstrap: str
         publisher = Publisher(ModelRegistry(settings.registry), policy,
                               announcer=Announcer(bootstrap, settings.name, client))
     service = TrainerService(
-        settings.trainer_config(), bootstrap=bootstrap, topic=settings.topic,
+        config, bootstrap=bootstrap, topic=settings.topic,
         name=settings.name, group_id=settings.group_id or settings.name,
         snapshot_dir=str(settings.snapshot_dir), encoding=settings.encoding,
         batch_size=settings.batch_size, max_wait_s=settings.max_wait_s,

@@ -49,6 +49,12 @@ class Strategy:
     def on_head_grown(self, n_old: int, n_new: int) -> None:
         """The head went from ``n_old`` to ``n_new`` rows (the optimizer is already re-pointed)."""
 
+    def memory_usage(self) -> tuple[int, int]:
+        """Samples held in the replay memory (a strategy's ``memory``) and its capacity, for
+        the metrics; ``(0, 0)`` for a strategy without one."""
+        memory = getattr(self, "memory", None)
+        return memory.usage() if memory is not None else (0, 0)
+
     # -- state ------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
         """Strategy-specific state (buffers, importances...); tensors and JSON values only."""

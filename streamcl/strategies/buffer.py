@@ -31,6 +31,10 @@ class _Storage:
     def __len__(self) -> int:
         return self.size
 
+    def usage(self) -> tuple[int, int]:
+        """Rows held and capacity."""
+        return self.size, self.capacity
+
     def _allocate(self, batch: dict[str, torch.Tensor]) -> None:
         if not self.fields:
             self.fields = {k: v.new_zeros((self.capacity, *v.shape[1:])) for k, v in batch.items()}
@@ -150,3 +154,78 @@ class BalancedBuffer(_Storage):
         super().load_state_dict(state)
         self.seen = {int(k): v for k, v in state["seen"].items()}
         self.slots = {int(k): list(v) for k, v in state["slots"].items()}
+
+
+class ExperienceMemory:
+    """A replay memory of *past* experiences, balanced per experience, and a reservoir of the
+    open one that becomes its share when the experience ends.
+
+    Why past only: the incoming batch already trains the open experience's classes. A memory
+    that also replays them (a reservoir over the whole stream) gives the newest classes a
+    second share of every step and tilts the head towards them; the older classes are then
+    predicted less and less. Holding the open experience apart until its boundary keeps every
+    replayed sample from the past. Why balanced: each finished experience keeps an equal share
+    (``mem_size / experiences``), so an experience seen five times in a row, or one ten times
+    longer than the others, does not crowd out the rest.
+
+    While no experience has ended yet there is no past, and replay draws from the open
+    experience's reservoir instead: a stream whose labels come in runs would otherwise forget
+    its first classes before its first boundary.
+
+    The open experience's reservoir holds at most the share it will get
+    (``mem_size // (finished + 1)``), so the memory never holds more than 1.5 x ``mem_size``.
+    A ``transform`` given to :meth:`close_experience` may rewrite the rows as they join the
+    past (DER re-scores their logits with the model that has learned the experience).
+
+    >>> import torch
+    >>> mem = ExperienceMemory(4, torch.Generator().manual_seed(0))
+    >>> mem.add(x=torch.zeros(6, 1), y=torch.zeros(6, dtype=torch.long))
+    >>> mem.sample(2)["y"].tolist()          # no past yet: the open experience replays
+    [0, 0]
+    >>> mem.close_experience(0)
+    >>> mem.add(x=torch.ones(6, 1), y=torch.ones(6, dtype=torch.long))
+    >>> sorted(set(mem.sample(4)["y"].tolist()))   # only the finished experience replays
+    [0]
+    """
+
+    def __init__(self, mem_size: int, generator: torch.Generator) -> None:
+        self.mem_size = mem_size
+        self.generator = generator
+        self.past = BalancedBuffer(mem_size, generator)
+        self.current = ReservoirBuffer(mem_size, generator)
+
+    def __len__(self) -> int:
+        """Rows that :meth:`sample` draws from."""
+        return len(self.past) or len(self.current)
+
+    def usage(self) -> tuple[int, int]:
+        """Rows held (past and open experience) and the past's capacity."""
+        return len(self.past) + len(self.current), self.mem_size
+
+    def add(self, **batch: torch.Tensor) -> None:
+        self.current.add(**batch)
+
+    def sample(self, n: int) -> dict[str, torch.Tensor]:
+        return (self.past if len(self.past) else self.current).sample(n)
+
+    def buffers(self) -> tuple[_Storage, ...]:
+        return (self.past, self.current)
+
+    def close_experience(self, experience: int, transform=None) -> None:
+        """File the open experience's reservoir as experience ``experience``'s share."""
+        if len(self.current):
+            rows = self.current.all()
+            if transform is not None:
+                rows = transform(rows)
+            groups = torch.full((len(self.current),), experience, dtype=torch.long)
+            self.past.add(groups, **rows)
+        share = max(1, self.mem_size // (len(self.past.slots) + 1))
+        self.current = ReservoirBuffer(share, self.generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"past": self.past.state_dict(), "current": self.current.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.past.load_state_dict(state["past"])
+        self.current = ReservoirBuffer(1, self.generator)
+        self.current.load_state_dict(state["current"])

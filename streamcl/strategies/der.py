@@ -1,19 +1,31 @@
 """Dark Experience Replay (DER) and DER++, Buzzega et al., NeurIPS 2020.
 
-A reservoir over the stream stores each sample with the logits the model produced for it at
-insertion time (the pre-update forward of the step that saw it, as in the authors' code).
-Replay then matches those logits ("dark knowledge") with an MSE term weighted by ``alpha``;
-DER++ adds a cross-entropy term on a second memory sample's labels, weighted by ``beta``:
+The memory stores each sample with the model's logits for it; replay matches those logits
+("dark knowledge") with an MSE term weighted by ``alpha``, and DER++ adds a cross-entropy term
+on the same replayed samples' labels, weighted by ``beta``:
 
-    loss = CE(f(x), y) + alpha * MSE(f(x'), z') + beta * CE(f(x''), y'')
+    loss = CE(f(x), y) + alpha * MSE(f(x'), z') + beta * CE(f(x'), y')
+
+Three stream-specific choices, each for a measured reason:
+
+* **Logits from the end of the experience.** The paper stores the logits of the step that saw
+  the sample. In a short experience that step's model has barely learned the sample's class,
+  and replay then preserves an ignorant answer. A stream has no access to the finished
+  experience's data, but it has the samples its memory kept: when an experience ends, the
+  rows it contributed are re-scored by the model that has learned it (the logits Avalanche
+  computes over the whole experience), then join the past.
+* **Past experiences only, balanced per experience** (:class:`ExperienceMemory`, as ER): the
+  open experience is trained by the incoming batch already.
+* **One replay batch for both terms** (as Avalanche; the paper draws two): the CE term then
+  anchors the same samples whose logits are matched, and a step costs one replay forward
+  instead of two.
 
 The head grows as labels appear, so stored logits become narrower than today's output (the
 reference implementation fails with a shape error there). When the head grows, each stored row
 is padded with its own smallest logit: the model that produced it gave the not-yet-existing
 classes no probability, and the row's least likely class is the finite stand-in for that. The
-MSE then also teaches "not these new classes" on old samples — the part of DER that works in
-class-incremental learning, where a fixed head's untrained outputs carry the same message.
-(Padding with zeros and masking the new columns out leaves DER no better than fine-tuning.)
+MSE then also teaches "not these new classes" on old samples. (Padding with the new rows'
+current outputs instead was measured worse.)
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from streamcl.strategies.base import Strategy
-from streamcl.strategies.buffer import ReservoirBuffer
+from streamcl.strategies.buffer import ExperienceMemory
 
 
 class DER(Strategy):
@@ -36,41 +48,48 @@ class DER(Strategy):
         self.batch_size_mem = batch_size_mem
         self.alpha = alpha
         self.beta = beta
-        self.buffer = ReservoirBuffer(mem_size, generator)
+        self.memory = ExperienceMemory(mem_size, generator)
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = len(x)
-        if not len(self.buffer):
+        if not len(self.memory):
             out = self.model(x)
             loss = F.cross_entropy(out, y)
         else:
-            m1 = self.buffer.sample(self.batch_size_mem)
-            parts = [x, m1["x"]]
-            m2 = None
+            mem = self.memory.sample(self.batch_size_mem)
+            out = self.model(torch.cat([x, mem["x"]]))
+            loss = F.cross_entropy(out[:n], y) + self.alpha * F.mse_loss(out[n:], mem["logits"])
             if self.beta > 0:
-                m2 = self.buffer.sample(self.batch_size_mem)
-                parts.append(m2["x"])
-            out = self.model(torch.cat(parts))
-            k = len(m1["x"])
-            loss = F.cross_entropy(out[:n], y)
-            loss = loss + self.alpha * F.mse_loss(out[n:n + k], m1["logits"])
-            if m2 is not None:
-                loss = loss + self.beta * F.cross_entropy(out[n + k:], m2["y"])
+                loss = loss + self.beta * F.cross_entropy(out[n:], mem["y"])
         self.sgd_step(loss)
         logits = out[:n].detach()
-        self.buffer.add(x=x, y=y, logits=logits)
+        self.memory.add(x=x, y=y, logits=logits)
         return logits
 
+    def on_experience_end(self) -> None:
+        self.memory.close_experience(self.experience, transform=self.rescore)
+
+    @torch.no_grad()
+    def rescore(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``rows`` with their logits replaced by the current model's (eval mode)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return {**rows, "logits": self.model(rows["x"])}
+        finally:
+            self.model.train(was_training)
+
     def on_head_grown(self, n_old: int, n_new: int) -> None:
-        stored = self.buffer.fields.get("logits")
-        if stored is not None and n_old:
-            self.buffer.fields["logits"] = pad_logits(stored, n_new)
+        for buffer in self.memory.buffers():
+            stored = buffer.fields.get("logits")
+            if stored is not None and n_old:
+                buffer.fields["logits"] = pad_logits(stored, n_new)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
+        return {"memory": self.memory.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state["buffer"])
+        self.memory.load_state_dict(state["memory"])
 
 
 class DERPP(DER):

@@ -21,6 +21,10 @@ Each step (following the authors' ``retrieve_er_mixup_rar``):
 The reference implementation picks the farthest neighbour, steps away from it and dropped the
 mixup; this one does what the paper and its code do. With ``use_adversarial_replay=False`` it is
 plain experience replay.
+
+The memory holds past experiences only, balanced per experience (:class:`ExperienceMemory`, as
+ER and as Avalanche's RAR, whose reservoir is filled at experience ends): replaying the open
+experience too gives its classes a second share of every step.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from streamcl.strategies.base import Strategy
-from streamcl.strategies.buffer import ReservoirBuffer
+from streamcl.strategies.buffer import ExperienceMemory
 
 
 class RAR(Strategy):
@@ -58,14 +62,14 @@ class RAR(Strategy):
         self.decay_factor_fgsm = decay_factor_fgsm
         self.epsilon_fgsm = epsilon_fgsm
         self.iter_fgsm = iter_fgsm
-        self.buffer = ReservoirBuffer(mem_size, generator)
+        self.memory = ExperienceMemory(mem_size, generator)
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.model(x)
         F.cross_entropy(logits, y).backward()
-        if len(self.buffer):
-            mem = self.buffer.sample(self.batch_size_mem)
+        if len(self.memory):
+            mem = self.memory.sample(self.batch_size_mem)
             if self.use_adversarial_replay:
                 x_adv, soft = self.adversarial_replay(x, y, mem["x"], mem["y"])
                 out = self.model(torch.cat([mem["x"], x_adv]))
@@ -76,8 +80,11 @@ class RAR(Strategy):
                 replay = F.cross_entropy(self.model(mem["x"]), mem["y"])
             replay.backward()
         self.optimizer.step()
-        self.buffer.add(x=x, y=y)
+        self.memory.add(x=x, y=y)
         return logits.detach()
+
+    def on_experience_end(self) -> None:
+        self.memory.close_experience(self.experience)
 
     # -- the parts of one RAR step, separately testable -------------------------------------
     def lookahead_params(self) -> dict[str, torch.Tensor]:
@@ -138,7 +145,7 @@ class RAR(Strategy):
         return x_adv.detach()
 
     def extra_state(self) -> dict[str, Any]:
-        return {"buffer": self.buffer.state_dict()}
+        return {"memory": self.memory.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state["buffer"])
+        self.memory.load_state_dict(state["memory"])
