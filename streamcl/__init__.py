@@ -6,3 +6,7 @@ knows nothing of Kafka; the streaming service drives it one micro-batch at a tim
 """
 
 __version__ = "0.1.0"
+
+# The strategy that is best across the benchmark suite's streams (bench/suite.py,
+# docs/benchmarks.md): what `streamcl run`, `demo` and `simulate` train with by default.
+DEFAULT_STRATEGY = "il2m-der"

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from streamcl import DEFAULT_STRATEGY
 from streamcl.trainer import TrainerConfig
 
 
@@ -99,7 +100,8 @@ class Settings(BaseSettings):
     model: str = Field("mlp", description='mlp, cnn or package.module:function')
     hidden: list[PositiveInt] = Field(
         [256, 256], description='MLP layer widths, or CNN channel counts')
-    strategy: str = Field("der++", description='continual-learning strategy (see Strategies)')
+    strategy: str = Field(DEFAULT_STRATEGY,
+                          description='continual-learning strategy (see Strategies)')
     params: dict[str, Any] = Field(
         {}, description='the strategy\'s parameters, e.g. {"mem_size": 500}')
     lr: PositiveFloat = Field(0.05, description='SGD learning rate')

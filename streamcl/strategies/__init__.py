@@ -11,18 +11,21 @@ from typing import Any
 
 import torch
 
+from streamcl import DEFAULT_STRATEGY
 from streamcl.models import Classifier
 from streamcl.strategies.agem import AGEM
 from streamcl.strategies.base import Strategy
 from streamcl.strategies.der import DER, DERPP
 from streamcl.strategies.er import ER
+from streamcl.strategies.er_ace import ERACE
 from streamcl.strategies.il2m import IL2M
+from streamcl.strategies.il2m_der import IL2MDER
 from streamcl.strategies.mas import MAS
 from streamcl.strategies.naive import Naive
 from streamcl.strategies.rar import RAR
 
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (Naive, ER, AGEM, DER, DERPP, MAS, IL2M, RAR)
+    cls.name: cls for cls in (Naive, ER, ERACE, AGEM, DER, DERPP, MAS, IL2M, RAR, IL2MDER)
 }
 
 
@@ -70,4 +73,5 @@ def check_param(strategy: str, key: str, value: Any, annotation: str) -> None:
         raise ValueError(f"--param {key}={value!r}: must be >= 1")
 
 
-__all__ = ["STRATEGIES", "Strategy", "make_strategy", "resolved_params", "strategy_params"]
+__all__ = ["DEFAULT_STRATEGY", "STRATEGIES", "Strategy", "make_strategy", "resolved_params",
+           "strategy_params"]

@@ -114,9 +114,13 @@ class IL2M(Strategy):
         out, loss = replay_step_loss(self.model, x, y, mem)
         self.sgd_step(loss)
         self.memory.add(y, x=x, y=y)
+        self.count(y)
+        return out[:n].detach()
+
+    def count(self, y: torch.Tensor) -> None:
+        """Count the batch's samples per class (the registration rule needs them)."""
         for c, k in zip(*torch.unique(y, return_counts=True), strict=True):
             self.counts[int(c)] = self.counts.get(int(c), 0) + int(k)
-        return out[:n].detach()
 
     def on_head_grown(self, n_old: int, n_new: int) -> None:
         self.rectifier.grow(n_new)
