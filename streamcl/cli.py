@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from streamcl import __version__
+from streamcl import DEFAULT_STRATEGY, __version__
 
 EXIT_USAGE = 2
 
@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--data", required=True, type=Path,
                      help="training stream (.npz: x, y[, task])")
     sim.add_argument("--test-data", type=Path, help="test set (.npz) for accuracy and forgetting")
-    sim.add_argument("--strategy", default="naive",
-                     help="naive, er, agem, der, der++, mas, il2m or rar")
+    sim.add_argument("--strategy", default=DEFAULT_STRATEGY,
+                     help="naive, er, er-ace, agem, der, der++, mas, il2m, rar or il2m-der")
     sim.add_argument("--param", action="append", default=[], metavar="K=V",
                      help="a strategy parameter (repeatable), e.g. --param mem_size=500")
     sim.add_argument("--model", default="mlp", help="mlp, cnn or package.module:function")
@@ -87,7 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--lr", type=float, default=0.05)
     sim.add_argument("--momentum", type=float, default=0.0)
     sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    sim.add_argument("--threads", type=int, default=None,
+                     help="torch CPU threads (default: one for a small model, else the CPUs "
+                          "this process may use)")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
 
     prod = sub.add_parser("produce", help="load a data set into a Kafka topic")
@@ -103,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the whole pipeline on an embedded broker, in minutes")
     demo.add_argument("--data", choices=["auto", "fmnist", "digits"], default="auto",
                       help="split Fashion-MNIST when installed (auto), or split digits")
-    demo.add_argument("--strategy", default="der++")
-    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    demo.add_argument("--strategy", default=DEFAULT_STRATEGY)
+    demo.add_argument("--threads", type=int, default=None,
+                      help="torch CPU threads (default: one for a small model, else the CPUs "
+                           "this process may use, less one for the consumer process)")
 
     rep = sub.add_parser("replay", help="rebuild the trainer's state from the journal")
     rep.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers (host:port)")
@@ -154,21 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from streamcl.data import load_stream
     from streamcl.simulate import simulate
+    from streamcl.threads import configure_threads
     from streamcl.trainer import OnlineTrainer, TrainerConfig
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
     if not args.lr > 0:
         raise UsageError(f"--lr {args.lr}: must be > 0")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads {args.threads}: must be >= 1")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be >= 1")
     train = load_stream(args.data)
     test = load_stream(args.test_data) if args.test_data else None
     if test is not None and test.input_shape != train.input_shape:
@@ -183,6 +185,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         min_length=args.min_length, cooldown=args.cooldown, monitor=args.monitor,
         seed=args.seed)
     trainer = OnlineTrainer(config)  # configuration errors surface here, before any output
+    configure_threads(args.threads, trainer.model, config.input_shape, args.batch_size)
     bar = None if args.json else tqdm(total=len(train), unit="samples", file=sys.stderr,
                                       desc=args.strategy, dynamic_ncols=True)
     try:
@@ -301,13 +304,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from streamcl.data import DataError, digits, fashion_mnist, split_stream
+    from streamcl.models import build_model
     from streamcl.service import TrainerService, install_sigterm
     from streamcl.stream.broker import EmbeddedBroker
     from streamcl.stream.producer import produce_stream
+    from streamcl.threads import configure_threads
     from streamcl.trainer import TrainerConfig
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be >= 1")
     source = None
     if args.data in ("auto", "fmnist"):
         try:
@@ -323,6 +328,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     switches = (np.flatnonzero(np.diff(train.task)) + 1).tolist()
     config = TrainerConfig(input_shape=train.input_shape, strategy=args.strategy,
                            boundaries="drift")
+    # the service consumes in a child process: leave it a core
+    configure_threads(args.threads, build_model(config.model, config.input_shape, config.hidden),
+                      config.input_shape, 32, reserve=1)
     stop = threading.Event()
     install_sigterm(stop)
     topic, name = "demo.samples", f"demo-{uuid.uuid4().hex[:8]}"

@@ -85,8 +85,12 @@ class PrefetchingConsumer:
                   "cut_at_task_change": cut_at_task_change, "client_config": self.client_config,
                   "session_timeout_ms": session_timeout_ms, "hold_until_seek": hold_until_seek}
         # the config (it may hold credentials) goes on stdin, not on the command line
+        # one thread for the child's numeric libraries: it decodes and copies, and an OpenMP
+        # pool there would spin on the core the trainer counts on (streamcl.threads)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self._proc = subprocess.Popen([sys.executable, "-m", "streamcl.stream.prefetch"],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                      env=env)
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._stdin: IO[bytes] = self._proc.stdin
         self._fd = self._proc.stdout.fileno()
