@@ -19,8 +19,9 @@ from streamcl.models import build_model
 from streamcl.strategies import STRATEGIES, make_strategy
 from streamcl.strategies.agem import AGEM, project
 from streamcl.strategies.base import flat_grad
-from streamcl.strategies.buffer import BalancedBuffer, ReservoirBuffer
+from streamcl.strategies.buffer import BalancedBuffer, ExperienceMemory, ReservoirBuffer
 from streamcl.strategies.der import pad_logits
+from streamcl.strategies.er_ace import ERACE
 from streamcl.strategies.il2m import IL2MRectifier
 from streamcl.strategies.mas import MAS
 from streamcl.strategies.rar import RAR
@@ -83,17 +84,33 @@ def test_project_leaves_agreeing_gradients_exactly_alone() -> None:
 
 def test_agem_step_applies_the_projected_gradient(split_digits_once, batch_iter,
                                                   trainer_factory) -> None:
-    """Reproduce each A-GEM step by hand: the applied update (plain SGD, so ``-lr * grad``) is
-    ``project(g, g_ref)``, with ``g_ref`` from the same memory sample; it never opposes g_ref."""
+    """Reproduce each A-GEM step by hand: the applied update (plain SGD, so ``-lr * grad``) of
+    the model and the spare row is ``project(g, g_ref)``, with ``g_ref`` from the same memory
+    sample; it never opposes g_ref."""
     stream = split_digits_once
     lr = 0.05
     trainer = trainer_factory("agem", boundaries="task", lr=lr, params={"sample_size": 32})
     switch = int((stream.task == 1).argmax())  # first sample of experience 1
     run_until(trainer, stream, batch_iter, switch)
     strategy: AGEM = trainer.strategy  # type: ignore[assignment]
+
+    def with_spare(model, spare):
+        return torch.cat([flat_params(model), spare[0].reshape(-1), spare[1].reshape(-1)])
+
+    def grad_with_spare(model, spare, x, y):
+        w, b = (t.clone().requires_grad_(True) for t in spare)
+        h = model.features(x)
+        logits = torch.cat([model.head(h), (h @ w + b).unsqueeze(1)], dim=1)
+        params = [*model.parameters(), w, b]
+        for p in params:
+            p.grad = None
+        F.cross_entropy(logits, y).backward()
+        return flat_grad(params)
+
     reproduced = projected = 0
     for x, y, task in batch_iter(stream, 32, switch, int((stream.task == 2).argmax())):
         before = copy.deepcopy(trainer.model)
+        spare = (strategy.spare_weight.clone(), strategy.spare_bias.clone())
         gen_before = strategy.generator.get_state()
         plan = trainer.plan(y, task)
         if plan.boundary is not None or plan.new_labels:  # the switch itself: just learn it
@@ -102,14 +119,15 @@ def test_agem_step_applies_the_projected_gradient(split_digits_once, batch_iter,
             trainer.learn(x, y, plan)
             continue
         trainer.learn(x, y, plan)
-        update = (flat_params(before) - flat_params(trainer.model)) / lr
+        after = with_spare(trainer.model, (strategy.spare_weight, strategy.spare_bias))
+        update = (with_spare(before, spare) - after) / lr
 
         gen_after = strategy.generator.get_state()
         strategy.generator.set_state(gen_before)
         mem = strategy.memory.sample(strategy.sample_size)  # the sample the step drew
         strategy.generator.set_state(gen_after)
-        g_ref = grad_of(before, F.cross_entropy(before(mem["x"]), mem["y"]))
-        g = grad_of(before, F.cross_entropy(before(x), head_index(trainer, y)))
+        g_ref = grad_with_spare(before, spare, mem["x"], mem["y"])
+        g = grad_with_spare(before, spare, x.float(), head_index(trainer, y))
 
         scale = float(g.norm() * g_ref.norm())
         assert float(torch.dot(update, g_ref)) >= -1e-5 * scale
@@ -118,6 +136,26 @@ def test_agem_step_applies_the_projected_gradient(split_digits_once, batch_iter,
         reproduced += 1
     assert len(strategy.memory) > 0 and reproduced >= 5
     assert projected > 0, "no step needed a projection; the test would not show it is applied"
+
+
+def test_agem_new_rows_start_from_the_spare_row(trainer_factory) -> None:
+    """The spare row is trained as a class that never occurs (its logit falls), and a label's
+    new row starts as a copy of it."""
+    trainer = trainer_factory("agem", input_shape=(4,), hidden=(8,), boundaries="task")
+    strategy: AGEM = trainer.strategy  # type: ignore[assignment]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 4, generator=gen)
+    first = float(strategy.logits_with_spare(x)[:, -1].mean().detach())
+    for _ in range(30):
+        trainer.step(x, torch.zeros(16, dtype=torch.long), 0)
+    assert float(strategy.logits_with_spare(x)[:, -1].mean().detach()) < first - 0.5
+    spare = (strategy.spare_weight.clone(), strategy.spare_bias.clone())
+    plan = trainer.plan(torch.ones(16, dtype=torch.long), 1)
+    trainer.end_experience(plan.boundary)
+    # learn() grows the head, then trains: read the new row right after growth
+    trainer._add_labels(plan.new_labels)
+    assert torch.equal(trainer.model.head.weight[1], spare[0])
+    assert torch.equal(trainer.model.head.bias[1], spare[1])
 
 
 def test_agem_memory_stays_bounded_over_hundreds_of_experiences(trainer_factory) -> None:
@@ -161,7 +199,7 @@ def test_der_stores_the_logits_of_the_pre_update_model(name: str) -> None:
     returned = strategy.observe(x1, y1)  # empty buffer
     with torch.no_grad():
         expected = before(x1)
-    stored = strategy.buffer.all()["logits"]
+    stored = strategy.memory.current.all()["logits"]
     assert stored.shape == (6, 3)
     torch.testing.assert_close(stored, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(returned, expected, rtol=0, atol=1e-6)
@@ -172,8 +210,36 @@ def test_der_stores_the_logits_of_the_pre_update_model(name: str) -> None:
     strategy.observe(x2, y2)  # non-empty buffer: memory rows share the forward pass
     with torch.no_grad():
         expected = before(x2)
-    torch.testing.assert_close(strategy.buffer.all()["logits"][6:11], expected,
+    torch.testing.assert_close(strategy.memory.current.all()["logits"][6:11], expected,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["der", "der++"])
+def test_der_rescores_an_experience_when_it_ends(name: str, trainer_factory) -> None:
+    """At a boundary the finished experience's rows get the logits of the model that learned
+    it, and join the past; from then on only past rows are replayed."""
+    trainer = trainer_factory(name, input_shape=(8,), hidden=(16,), boundaries="task")
+    strategy = trainer.strategy
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        trainer.step(torch.randn(8, 8, generator=gen), torch.randint(0, 2, (8,), generator=gen), 0)
+    early = strategy.memory.current.all()  # logits of the steps that saw the samples
+    x, y = torch.randn(8, 8, generator=gen), torch.randint(2, 4, (8,), generator=gen)
+    plan = trainer.plan(y, 1)
+    trainer.end_experience(plan.boundary)
+    past = strategy.memory.past.all()
+    assert len(strategy.memory.current) == 0 and len(strategy.memory.past) == 80
+    order = torch.argsort(past["x"][:, 0])
+    assert torch.equal(past["x"][order], early["x"][torch.argsort(early["x"][:, 0])])
+    with torch.no_grad():
+        trainer.model.eval()
+        expected = trainer.model(past["x"])
+        trainer.model.train()
+    torch.testing.assert_close(past["logits"], expected)
+    assert not torch.allclose(past["logits"][order],
+                              early["logits"][torch.argsort(early["x"][:, 0])], atol=1e-3)
+    trainer.learn(x, y, plan)
+    assert set(strategy.memory.sample(64)["y"].tolist()) <= {0, 1}
 
 
 def test_pad_logits_fills_new_columns_with_each_rows_minimum() -> None:
@@ -186,11 +252,12 @@ def test_pad_logits_fills_new_columns_with_each_rows_minimum() -> None:
 
 @pytest.mark.parametrize("name", ["der", "der++"])
 def test_der_pads_stored_logits_when_the_head_grows(name: str, trainer_factory) -> None:
-    trainer = trainer_factory(name, input_shape=(8,), hidden=(16,), boundaries="new-class")
+    # no boundary: the rows stay in the open experience's reservoir, as they were stored
+    trainer = trainer_factory(name, input_shape=(8,), hidden=(16,), boundaries="task")
     gen = torch.Generator().manual_seed(0)
     for _ in range(4):
         trainer.step(torch.randn(8, 8, generator=gen), torch.randint(0, 2, (8,), generator=gen))
-    buffer = trainer.strategy.buffer  # type: ignore[attr-defined]
+    buffer = trainer.strategy.memory.current  # type: ignore[attr-defined]
     old = buffer.all()["logits"].clone()
     assert old.shape == (32, 2)
 
@@ -406,7 +473,7 @@ def test_rar_adversarial_replay_moves_memory_towards_the_nearest_other_class(
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()  # the current batch's gradients, as in observe
     gen_state = strategy.generator.get_state()
-    mem = strategy.buffer.sample(32)
+    mem = strategy.memory.sample(32)
     assert len(set(mem["y"].tolist())) >= 3
     # make the mask matter: the current batch also holds near-copies of memory samples of the
     # same class, which are their nearest neighbours overall but must not be targets
@@ -540,4 +607,116 @@ def test_balanced_buffer_splits_capacity_evenly(interleaved: bool) -> None:
 
 
 def test_every_strategy_is_registered() -> None:
-    assert set(STRATEGIES) == {"naive", "er", "agem", "der", "der++", "mas", "il2m", "rar"}
+    assert set(STRATEGIES) == {"naive", "er", "er-ace", "agem", "der", "der++", "mas", "il2m",
+                               "rar", "il2m-der"}
+
+
+# == ER-ACE ======================================================================================
+def _tiny_er_ace() -> ERACE:
+    gen = torch.Generator().manual_seed(0)
+    model = build_model("mlp", (4,), (8,), gen)
+    model.grow(3, gen)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return make_strategy("er-ace", model, opt, torch.Generator().manual_seed(1), {})
+
+
+def test_er_ace_masks_the_classes_absent_from_the_incoming_batch() -> None:
+    """Hand-made batches, empty memory: the incoming loss is a softmax over the batch's classes
+    only, so an absent class's head row gets no gradient and a one-class batch learns nothing;
+    plain cross-entropy would push the absent row down in both cases."""
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    for y, absent in ((torch.tensor([0, 1, 0, 1, 0, 1]), [2]), (torch.zeros(6, dtype=torch.long),
+                                                                [1, 2])):
+        strategy = _tiny_er_ace()
+        model = strategy.model
+        head_before = model.head.weight.detach().clone(), model.head.bias.detach().clone()
+        body_before = flat_params(model.body)
+        plain = copy.deepcopy(model)
+        F.cross_entropy(plain(x), y).backward()
+        assert all(float(plain.head.weight.grad[c].abs().sum()) > 0 for c in absent)
+
+        logits = strategy.observe(x, y)
+        assert logits.shape == (6, 3)                        # predictions keep every class
+        w, b = model.head.weight.detach(), model.head.bias.detach()
+        for c in absent:
+            assert torch.equal(w[c], head_before[0][c]) and b[c] == head_before[1][c]
+        if len(set(y.tolist())) == 1:                        # softmax over one class: constant
+            assert torch.equal(flat_params(model.body), body_before)
+            assert torch.equal(w, head_before[0])
+        else:
+            assert not torch.equal(flat_params(model.body), body_before)
+
+
+def test_er_ace_replay_trains_every_class_and_memory_is_class_balanced() -> None:
+    strategy = _tiny_er_ace()
+    gen = torch.Generator().manual_seed(3)
+    # 300 samples of class 0, then 20 of class 1: a class-balanced memory keeps them even
+    for _ in range(10):
+        strategy.observe(torch.randn(30, 4, generator=gen), torch.zeros(30, dtype=torch.long))
+    strategy.observe(torch.randn(20, 4, generator=gen), torch.ones(20, dtype=torch.long))
+    stored = strategy.memory.all()["y"]
+    assert int((stored == 1).sum()) == 20 and len(stored) == 320  # capacity 500: all kept
+    for _ in range(40):
+        strategy.observe(torch.randn(30, 4, generator=gen), torch.zeros(30, dtype=torch.long))
+    stored = strategy.memory.all()["y"]
+    assert len(stored) == 500 and int((stored == 1).sum()) == 20  # the rare class keeps its rows
+
+    # with memory, a one-class incoming batch still trains: the replayed rows carry the loss,
+    # over all classes (class 2's row, never a label, is pushed down by them)
+    row2 = strategy.model.head.weight[2].detach().clone()
+    strategy.observe(torch.randn(8, 4, generator=gen), torch.zeros(8, dtype=torch.long))
+    assert not torch.equal(strategy.model.head.weight[2].detach(), row2)
+
+
+# == the experience memory (ER, DER, DER++, RAR) ================================================
+def test_experience_memory_replays_finished_experiences_in_equal_shares() -> None:
+    gen = torch.Generator().manual_seed(0)
+    mem = ExperienceMemory(90, gen)
+    for exp, n in enumerate((300, 40, 150)):           # experiences of unequal length
+        mem.add(x=torch.full((n, 1), float(exp)), y=torch.full((n,), exp))
+        if exp == 0:                                    # nothing finished yet: the open one
+            assert set(mem.sample(50)["y"].tolist()) == {0}
+        else:                                           # only finished experiences replay
+            assert set(mem.sample(200)["y"].tolist()) <= set(range(exp))
+        mem.close_experience(exp)
+        assert mem.current.capacity == 90 // (exp + 2)  # the next one holds its future share
+        assert len(mem.current) == 0
+    shares = torch.bincount(mem.past.all()["y"], minlength=3).tolist()
+    assert shares == [30, 30, 30]
+    assert len(mem) == 90
+
+    restored = ExperienceMemory(90, torch.Generator())
+    restored.load_state_dict(mem.state_dict())
+    assert torch.equal(restored.past.all()["x"], mem.past.all()["x"])
+    assert restored.current.capacity == mem.current.capacity
+
+
+def test_er_replays_only_finished_experiences_once_one_has_ended(trainer_factory) -> None:
+    trainer = trainer_factory("er", input_shape=(4,), hidden=(8,), boundaries="task")
+    gen = torch.Generator().manual_seed(0)
+    for task, labels in enumerate(((0, 1), (2, 3))):
+        for _ in range(20):
+            y = torch.tensor(labels)[torch.randint(0, 2, (16,), generator=gen)]
+            trainer.step(torch.randn(16, 4, generator=gen), y, task)
+    memory = trainer.strategy.memory
+    assert set(memory.sample(500)["y"].tolist()) == {0, 1}    # the past: experience 0 only
+    assert set(memory.current.all()["y"].tolist()) == {2, 3}  # experience 1 waits its turn
+
+
+# == IL2M-DER ===================================================================================
+def test_il2m_der_stores_logits_pads_them_and_keeps_the_rectifier(trainer_factory) -> None:
+    trainer = trainer_factory("il2m-der", input_shape=(4,), hidden=(8,), boundaries="task")
+    gen = torch.Generator().manual_seed(0)
+    trainer.step(torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16,), generator=gen), 0)
+    stored = trainer.strategy.memory.all()
+    assert stored["logits"].shape == (16, 2)
+    first = stored["logits"].clone()
+    for _ in range(5):
+        trainer.step(torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16,), generator=gen))
+    trainer.step(torch.randn(16, 4, generator=gen), torch.randint(2, 4, (16,), generator=gen), 1)
+    logits = trainer.strategy.memory.all()["logits"]   # capacity 500: nothing replaced
+    assert logits.shape == (112, 4)
+    assert torch.equal(logits[:16, :2], first)          # stored once, as the step saw them
+    old = logits[:96]                                   # stored before the head grew
+    assert torch.equal(old[:, 2:], old[:, :2].min(1, keepdim=True).values.expand(-1, 2))
+    assert isinstance(trainer.model.rectifier, IL2MRectifier)   # published models rectify
