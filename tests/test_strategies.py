@@ -252,32 +252,68 @@ def test_pad_logits_fills_new_columns_with_each_rows_minimum() -> None:
 
 @pytest.mark.parametrize("name", ["der", "der++"])
 def test_der_pads_stored_logits_when_the_head_grows(name: str, trainer_factory) -> None:
-    # no boundary: the rows stay in the open experience's reservoir, as they were stored
+    """When a new label arrives, the open experience's rows are scored by the model as it is
+    before the new class trains (a drift detector will close the experience only after that
+    batch), and every stored row gets its smallest logit in the new columns."""
+    # no boundary: the rows stay in the open experience's reservoir
     trainer = trainer_factory(name, input_shape=(8,), hidden=(16,), boundaries="task")
     gen = torch.Generator().manual_seed(0)
     for _ in range(4):
         trainer.step(torch.randn(8, 8, generator=gen), torch.randint(0, 2, (8,), generator=gen))
     buffer = trainer.strategy.memory.current  # type: ignore[attr-defined]
-    old = buffer.all()["logits"].clone()
-    assert old.shape == (32, 2)
+    assert buffer.all()["logits"].shape == (32, 2)
 
     for new_label in (2, 3):  # grow twice; the second growth pads already padded rows
+        x_rows = buffer.all()["x"][:32].clone()
+        with torch.no_grad():
+            trainer.model.eval()
+            expected = trainer.model(x_rows)      # the model before the new class trains
+            trainer.model.train()
         y = torch.randint(0, new_label, (8,), generator=gen)
         y[3] = new_label
         r = trainer.step(torch.randn(8, 8, generator=gen), y)
         assert math.isfinite(r.loss)
         assert trainer.model.n_classes == new_label + 1
-        stored = buffer.all()["logits"]
+        stored = buffer.all()["logits"][:32]  # capacity 500: the first rows were not replaced
         assert stored.shape[1] == new_label + 1
-    stored = buffer.all()["logits"][:32]  # capacity 500: the first rows were not replaced
-    assert torch.equal(stored[:, :2], old)
-    row_min = old.min(1, keepdim=True).values
-    assert torch.equal(stored[:, 2:], row_min.expand(-1, 2))
+        torch.testing.assert_close(stored[:, :new_label], expected)
+        row_min = expected.min(1, keepdim=True).values
+        torch.testing.assert_close(stored[:, new_label:], row_min.expand(-1, 1))
+    assert trainer.strategy.grew_last_step  # type: ignore[attr-defined]
     # and training keeps going with replay of padded rows against the grown head
     for _ in range(3):
         r = trainer.step(torch.randn(8, 8, generator=gen), torch.randint(0, 4, (8,), generator=gen))
         assert math.isfinite(r.loss)
+    assert not trainer.strategy.grew_last_step  # type: ignore[attr-defined]
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_der_keeps_the_scores_taken_before_a_late_detected_switch(trainer_factory) -> None:
+    """A drift detector opens the experience one batch after new classes arrive. The finished
+    experience's rows then keep the scores taken when the head grew, before that batch
+    trained (which hits the old classes hardest), not scores of the model after it."""
+    trainer = trainer_factory("der", input_shape=(8,), hidden=(16,), boundaries="every:96")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        trainer.step(torch.randn(32, 8, generator=gen), torch.randint(0, 2, (32,), generator=gen))
+    strategy = trainer.strategy
+    x_rows = strategy.memory.current.all()["x"].clone()
+    with torch.no_grad():
+        trainer.model.eval()
+        before_new = trainer.model(x_rows)
+        trainer.model.train()
+    # the third batch brings new classes; the boundary (every 96 samples) comes after it
+    trainer.step(torch.randn(32, 8, generator=gen), torch.randint(2, 4, (32,), generator=gen))
+    r = trainer.step(torch.randn(32, 8, generator=gen), torch.randint(2, 4, (32,), generator=gen))
+    assert r.boundary is not None and r.boundary.index == 96
+    past = strategy.memory.past.all()
+    order = [int(torch.nonzero((past["x"] == row).all(1))[0]) for row in x_rows]
+    torch.testing.assert_close(past["logits"][order][:, :2], before_new)
+    with torch.no_grad():
+        trainer.model.eval()
+        now = trainer.model(x_rows)[:, :2]
+        trainer.model.train()
+    assert not torch.allclose(now, before_new, atol=1e-3)   # the new batch did move them
 
 
 # == MAS =========================================================================================

@@ -49,6 +49,8 @@ class DER(Strategy):
         self.alpha = alpha
         self.beta = beta
         self.memory = ExperienceMemory(mem_size, generator)
+        self.grew_last_step = False  # the head grew on the batch trained last
+        self._growing = False
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = len(x)
@@ -64,10 +66,18 @@ class DER(Strategy):
         self.sgd_step(loss)
         logits = out[:n].detach()
         self.memory.add(x=x, y=y, logits=logits)
+        self.grew_last_step, self._growing = self._growing, False
         return logits
 
     def on_experience_end(self) -> None:
-        self.memory.close_experience(self.experience, transform=self.rescore)
+        # A drift detector opens the next experience one batch after the switch: the head has
+        # then already grown for the next classes and trained one batch on them, which hits
+        # the old classes hardest. The scores taken at that growth, just before that batch,
+        # are the finished experience's model; otherwise score now.
+        keep = self.grew_last_step
+        self.memory.close_experience(self.experience,
+                                     transform=None if keep else self.rescore)
+        self.grew_last_step = False
 
     @torch.no_grad()
     def rescore(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,12 +94,18 @@ class DER(Strategy):
             stored = buffer.fields.get("logits")
             if stored is not None and n_old:
                 buffer.fields["logits"] = pad_logits(stored, n_new)
+        current = self.memory.current
+        if len(current) and n_old:  # the open experience's rows, before a new class trains
+            fresh = self.rescore(current.all())["logits"][:, :n_old]
+            current.fields["logits"][: len(current)] = pad_logits(fresh, n_new)
+        self._growing = True
 
     def extra_state(self) -> dict[str, Any]:
-        return {"memory": self.memory.state_dict()}
+        return {"memory": self.memory.state_dict(), "grew_last_step": self.grew_last_step}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.memory.load_state_dict(state["memory"])
+        self.grew_last_step = state["grew_last_step"]
 
 
 class DERPP(DER):
