@@ -20,7 +20,7 @@ and cells already there are not run again, so a run can be resumed or extended.
 
     python bench/suite.py [--avalanche-python /opt/avalanche-venv/bin/python]
         [--streams split-fmnist,...] [--strategies naive,er,...] [--seeds 0,1,2]
-        [--results bench-results.jsonl] [--markdown docs/benchmarks.md]
+        [--results bench/results/suite.jsonl] [--markdown docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -54,11 +54,15 @@ LR = 0.05
 PARAMS: dict[str, dict[str, Any]] = {
     "er": {"mem_size": MEM}, "er-ace": {"mem_size": MEM}, "agem": {"mem_size": MEM},
     "der": {"mem_size": MEM}, "der++": {"mem_size": MEM}, "il2m": {"mem_size": MEM},
-    "rar": {"mem_size": MEM},
+    "rar": {"mem_size": MEM}, "il2m-der": {"mem_size": MEM},
 }
+# the project's first eight strategies, against which the default is judged
+SEED_STRATEGIES = ("naive", "er", "agem", "der", "der++", "mas", "il2m", "rar")
 AVALANCHE_PARAMS: dict[str, list[str]] = {"agem": ["patterns_per_experience=100",
                                                    "sample_size=64"]}
 AVALANCHE_ORDERS = ("stream", "shuffled")
+# what bench/avalanche_runner.py can build (IL2M-DER is streamcl's own)
+AVALANCHE_STRATEGIES = ("naive", "er", "er-ace", "agem", "der", "der++", "mas", "il2m", "rar")
 
 
 # -- one cell -------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ def plan_cells(streams: list[str], strategies: list[str], seeds: list[int],
             for s in strategies:
                 for variant in ("task", "drift"):
                     cells.append({**base, "kind": "streamcl", "strategy": s, "variant": variant})
-                if avalanche:
+                if avalanche and s in AVALANCHE_STRATEGIES:
                     for order in AVALANCHE_ORDERS:
                         cells.append({**base, "kind": "avalanche", "strategy": s,
                                       "variant": order})
@@ -226,6 +230,99 @@ def tables(results: list[dict[str, Any]], streams: list[str], strategies: list[s
     return "\n".join(out)
 
 
+def summary(results: list[dict[str, Any]], streams: list[str], strategies: list[str]) -> str:
+    """One row per strategy: streamcl's mean final accuracy on each stream (true switches),
+    Avalanche's in stream order beside it."""
+    def mean(stream, kind, strategy, variant="task"):
+        return _stats([r for r in results if r["stream"] == stream and r["kind"] == kind
+                       and r.get("strategy") == strategy and r["variant"] == variant
+                       and "error" not in r])[0] * 100
+
+    def cell(ours: float, ava: float) -> str:
+        if ours != ours:
+            return "-"
+        return f"{ours:.1f}" + (f" ({ava:.1f})" if ava == ava else "")
+
+    head = "| strategy | " + " | ".join(streams) + " | mean |"
+    lines = [head, "|---" * (len(streams) + 2) + "|",
+             "| bare loop, fixed head | " + " | ".join(
+                 cell(mean(st, "bare", None), float("nan")) for st in streams) + " | |"]
+    for s in strategies:
+        ours = [mean(st, "streamcl", s) for st in streams]
+        lines.append(f"| {s} | " + " | ".join(
+            cell(o, mean(st, "avalanche", s, "stream")) for o, st in zip(ours, streams,
+                                                                          strict=True))
+            + f" | {np.mean(ours):.1f} |")
+    return "\n".join(lines)
+
+
+def checks(results: list[dict[str, Any]], streams: list[str], strategies: list[str]) -> str:
+    """The issue's figures, stream by stream: which hold and by how much (points)."""
+    from streamcl import DEFAULT_STRATEGY
+
+    def mean(stream: str, kind: str, strategy: str | None, variant: str = "task") -> float:
+        rows = [r for r in results if r["stream"] == stream and r["kind"] == kind
+                and r.get("strategy") == strategy and r["variant"] == variant
+                and "error" not in r]
+        return _stats(rows)[0] * 100
+
+    def ours(stream: str, strategy: str, variant: str = "task") -> float:
+        return mean(stream, "streamcl", strategy, variant)
+
+    lines = ["| stream | behind Avalanche (stream order) by more than 1 | naive - bare "
+             "| DER++ - ER | worst ADWIN - true switches | ER-ACE - ER "
+             "| default - best first-eight strategy |",
+             "|---|---|---|---|---|---|---|"]
+    for st in streams:
+        gaps = {s: ours(st, s) - mean(st, "avalanche", s, "stream") for s in strategies}
+        behind = ", ".join(f"{s} {g:+.1f}" for s, g in gaps.items() if g < -1) or "none"
+        adwin, worst = min((ours(st, s, "drift") - ours(st, s), s) for s in strategies)
+        best, best_name = max((ours(st, s), s) for s in SEED_STRATEGIES if s in strategies)
+        lines.append(
+            f"| {st} | {behind} | {ours(st, 'naive') - mean(st, 'bare', None):+.1f} "
+            f"| {ours(st, 'der++') - ours(st, 'er'):+.1f} | {adwin:+.1f} ({worst}) "
+            f"| {ours(st, 'er-ace') - ours(st, 'er'):+.1f} "
+            f"| {ours(st, DEFAULT_STRATEGY) - best:+.1f} (vs {best_name}) |")
+    return "\n".join(lines)
+
+
+def speed_cells(strategies: list[str], repeat: int, avalanche: bool) -> list[dict[str, Any]]:
+    """Training speed on split Fashion-MNIST (seed 0): every cell ``repeat`` times, one at a
+    time on a quiet machine; the best run counts (noise only ever slows a run down)."""
+    cells = []
+    for r in range(repeat):
+        base = {"stream": "split-fmnist", "seed": 0, "repeat": r}
+        cells.append({**base, "kind": "bare", "strategy": None, "variant": "task"})
+        for s in strategies:
+            cells.append({**base, "kind": "streamcl", "strategy": s, "variant": "task"})
+            if avalanche and s in AVALANCHE_STRATEGIES:
+                cells.append({**base, "kind": "avalanche", "strategy": s, "variant": "stream"})
+    return cells
+
+
+def speed_table(results: list[dict[str, Any]], strategies: list[str]) -> str:
+    def best(kind, strategy, variant):
+        rates = [r["samples_per_s"] for r in results if r["kind"] == kind
+                 and r.get("strategy") == strategy and r["variant"] == variant
+                 and "error" not in r]
+        return max(rates) if rates else float("nan")
+
+    bare = best("bare", None, "task")
+    lines = ["| strategy | streamcl samples/s | Avalanche samples/s | streamcl / Avalanche |",
+             "|---|---|---|---|", f"| bare loop, fixed head | {bare / 1000:.1f}k | | |"]
+    for s in strategies:
+        ours, ava = best("streamcl", s, "task"), best("avalanche", s, "stream")
+        ratio = f"{ours / ava:.2f}x" if ava == ava else "-"
+        lines.append(f"| {s} | {ours / 1000:.1f}k | "
+                     f"{'-' if ava != ava else f'{ava / 1000:.1f}k'} | {ratio} |")
+    naive = best("streamcl", "naive", "task")
+    runs = max((r.get("repeat", 0) for r in results), default=0) + 1
+    lines += ["", f"Split Fashion-MNIST (60,000 samples, seed 0), training time only, one torch "
+                  f"thread, one cell at a time, best of {runs} runs. naive / bare loop: "
+                  f"{naive / bare:.0%}."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--streams", default=",".join(SUITE))
@@ -233,9 +330,16 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--avalanche-python", help="interpreter of a venv with avalanche-lib")
     ap.add_argument("--jobs", type=int, default=2, help="cells run side by side (one per core)")
-    ap.add_argument("--results", type=Path, default=Path(__file__).with_name("results") / "suite.jsonl",
+    ap.add_argument("--results", type=Path,
+                    default=Path(__file__).with_name("results") / "suite.jsonl",
                     help="JSON lines of finished cells; cells already in it are skipped")
     ap.add_argument("--markdown", type=Path, help="also write the tables to this file")
+    ap.add_argument("--speed", action="store_true",
+                    help="measure speed instead (split Fashion-MNIST, one cell at a time, "
+                         "best of --repeat) into --speed-results")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--speed-results", type=Path,
+                    default=Path(__file__).with_name("results") / "speed.jsonl")
     args = ap.parse_args()
     streams = [s.strip() for s in args.streams.split(",")]
     strategies = [s.strip() for s in args.strategies.split(",")]
@@ -246,17 +350,21 @@ def main() -> int:
         if bad:
             ap.error(f"unknown {name} {bad[0]!r}; choose from {', '.join(known)}")
 
+    results_file = args.speed_results if args.speed else args.results
     done = []
-    if args.results.exists():
-        done = [json.loads(line) for line in args.results.read_text().splitlines() if line]
-    have = {cell_key(r) for r in done}
-    todo = [c for c in plan_cells(streams, strategies, seeds, bool(args.avalanche_python))
-            if cell_key(c) not in have]
-    print(f"{len(todo)} cells to run ({len(have)} already in {args.results})", flush=True)
+    if results_file.exists():
+        done = [json.loads(line) for line in results_file.read_text().splitlines() if line]
+    have = {(*cell_key(r), r.get("repeat")) for r in done}
+    planned = (speed_cells(strategies, args.repeat, bool(args.avalanche_python)) if args.speed
+               else plan_cells(streams, strategies, seeds, bool(args.avalanche_python)))
+    todo = [c for c in planned if (*cell_key(c), c.get("repeat")) not in have]
+    if args.speed:
+        args.jobs = 1
+    print(f"{len(todo)} cells to run ({len(have)} already in {results_file})", flush=True)
     folder = tempfile.mkdtemp(prefix="streamcl-suite-")
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker) as pool, \
-            args.results.open("a") as sink:
+            results_file.open("a") as sink:
         futures = {pool.submit(run_cell, c, folder, args.avalanche_python): c for c in todo}
         for fut in cf.as_completed(futures):
             r = fut.result()
@@ -271,19 +379,39 @@ def main() -> int:
 
     import torch
 
-    table = tables(done, streams, strategies)
-    footer = (f"MLP d-256-256-C, batch {BATCH}, SGD lr {LR}, memory {MEM}, one pass, one torch "
-              f"thread per cell, {args.jobs} cells at a time. Machine: "
-              f"{platform.machine()}, {multiprocessing.cpu_count()} cores, torch "
-              f"{torch.__version__}.")
+    if args.speed:
+        done = [json.loads(line) for line in args.results.read_text().splitlines() if line]
+        streams = list(SUITE)
+    speed_file = args.speed_results
+    speed = [json.loads(line) for line in speed_file.read_text().splitlines()
+             if line] if speed_file.exists() else []
+    seeds_run = sorted({r["seed"] for r in done if r["stream"] in streams})
+    setting = (f"MLP d-256-256-C, batch {BATCH}, SGD lr {LR}, memory {MEM}, one pass; final "
+               f"accuracy (%) of the raw model on every class of the test set, mean of seeds "
+               f"{', '.join(map(str, seeds_run))}; one torch thread per cell. Machine: "
+               f"{platform.machine()}, {multiprocessing.cpu_count()} cores, torch "
+               f"{torch.__version__}.")
+    text = "\n".join([
+        "## Summary", "",
+        "streamcl's final accuracy with the true task switches as boundaries; in parentheses "
+        "Avalanche (main) on the same files in stream order (incoming data unshuffled, replay "
+        "memories sampled at random).", "",
+        summary(done, streams, strategies), "",
+        "## Figures", "",
+        "Differences in accuracy points, per stream.", "",
+        checks(done, streams, strategies), "",
+        setting, "",
+        *(["## Speed", "", speed_table(speed, strategies), ""] if speed else []),
+        "## Per stream", "",
+        tables(done, streams, strategies)])
     print()
-    print(table)
-    print(footer)
+    print(text)
     if args.markdown:
         args.markdown.write_text(
             "# Benchmarks\n\nProduced by `python bench/suite.py --avalanche-python "
-            "/opt/avalanche-venv/bin/python --markdown docs/benchmarks.md`.\n\n"
-            + table + "\n" + footer + "\n")
+            "/opt/avalanche-venv/bin/python --markdown docs/benchmarks.md`; the raw results "
+            "are in `bench/results/suite.jsonl`. docs/benchmark-notes.md reads them.\n\n"
+            + text + "\n")
     return 0
 
 

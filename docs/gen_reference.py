@@ -12,7 +12,8 @@ Each section sits between marker comments in README.md, ``<!-- BEGIN name -->`` 
 * ``metrics``: every family a fresh :class:`~streamcl.metrics.prometheus.ServiceMetrics`
   exposes (the exact names dashboards and alert rules must use), with its type, labels and help;
 * ``strategies``: :data:`streamcl.strategies.STRATEGIES` with their parameters' defaults;
-* ``benchmarks``: the results in ``docs/benchmarks.md`` (written by ``bench/strategies.py``).
+* ``benchmarks``: the summary, figures and speed sections of ``docs/benchmarks.md`` (written by
+  ``bench/suite.py``; the per-stream tables stay there).
 
 tests/deploy/test_readme.py fails when README.md differs from what this renders, e.g. when a
 setting is added and the README is not regenerated.
@@ -269,11 +270,13 @@ def render_strategies() -> str:
 # -- benchmarks ---------------------------------------------------------------------------------
 
 def render_benchmarks() -> str:
-    """docs/benchmarks.md without its title (the README section has its own)."""
-    lines = BENCHMARKS.read_text().strip().splitlines()
-    if lines and lines[0].startswith("# "):
-        lines = lines[1:]
-    return "\n".join(lines).strip()
+    """docs/benchmarks.md from its summary up to its per-stream tables, headings one level
+    down (the README section has its own title)."""
+    text = BENCHMARKS.read_text()
+    start, end = text.find("## Summary"), text.find("## Per stream")
+    body = text[start:end if end >= 0 else len(text)].strip()
+    return "\n".join("#" + line if line.startswith("## ") else line
+                     for line in body.splitlines())
 
 
 # -- splicing -----------------------------------------------------------------------------------
