@@ -347,9 +347,14 @@ def test_dockerfile_contract() -> None:
     assert len(froms) >= 2 and " AS builder" in froms[0], "multi-stage: a builder first"
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in instructions
             if k == "ARG" and "=" in a}
+    # the base image and torch's source are build arguments, with the public defaults
     assert args.get("PYTHON_IMAGE") == "python:3.11-slim-bookworm"
+    assert args.get("TORCH_PIP_ARGS") == '"--index-url https://download.pytorch.org/whl/cpu"'
     builder = " ".join(a for k, a in instructions if k == "RUN")
-    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in builder
+    assert "torch==2.13.0 ${TORCH_PIP_ARGS}" in builder
+    # the classic builder builds it: no BuildKit-only syntax line or flags
+    text = DOCKERFILE.read_text()
+    assert "# syntax=" not in text and "--mount=" not in text and "<<" not in text
 
     stage = runtime_stage()
     keys = [k for k, _ in stage]
@@ -733,3 +738,36 @@ def test_live_service_answers_the_probes_the_deployments_use(live_service: LiveS
     """Docker's HEALTHCHECK and the k8s liveness probe hit /healthz, readiness /readyz."""
     assert json.loads(live_service.wait_for("/healthz")) == {"status": "ok"}
     assert json.loads(live_service.wait_for("/readyz"))["status"] == "ready"
+
+
+# -- the compose file on Compose v1 and v2, and its local variant --------------------------------
+
+def test_compose_file_suits_compose_v1_and_v2() -> None:
+    """Compose v1 (Debian's docker-compose 1.29, all there is here) rejects a top-level
+    ``name:``; v2 does not need it."""
+    doc = compose()
+    assert "name" not in doc and "version" not in doc
+    assert set(doc) <= {"services", "volumes", "networks", "configs", "secrets"} | {
+        k for k in doc if k.startswith("x-")}
+
+
+def test_local_compose_replaces_only_the_images_no_registry_gives() -> None:
+    proc = subprocess.run([sys.executable, str(DEPLOY / "local_compose.py"), str(COMPOSE),
+                           "--image", "streamcl:smoke", "--base", "/srv/deploy",
+                           "--prometheus-port", "19090", "--metrics-port", "19100"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    local, real = yaml.safe_load(proc.stdout), compose()
+    assert set(local["services"]) == set(real["services"]) - {"grafana"}
+    kafka = local["services"]["kafka"]
+    assert kafka["image"] == "streamcl:smoke" and kafka["entrypoint"][0].endswith("/tansu")
+    assert "tcp://kafka:9092" in kafka["command"]  # the trainer's kafka:9092 is unchanged
+    prom, real_prom = local["services"]["prometheus"], real["services"]["prometheus"]
+    assert prom["image"] == "local/prometheus" and prom["command"] == real_prom["command"]
+    assert "/srv/deploy/prometheus:/etc/prometheus:ro" in prom["volumes"]
+    for name in ("trainer", "producer"):
+        mine, theirs = local["services"][name], real["services"][name]
+        assert mine["image"] == "streamcl:smoke" and "build" not in mine
+        for key in set(theirs) - {"image", "build", "ports"}:
+            assert mine[key] == theirs[key], (name, key)
+    assert local["services"]["trainer"]["ports"] == ["127.0.0.1:19100:9100"]
+    assert not [k for k in local if k.startswith("x-") or k == "name"]
