@@ -16,6 +16,8 @@ from typing import Any
 from streamcl import DEFAULT_STRATEGY, __version__
 
 EXIT_USAGE = 2
+#: another instance of the same learner took over its journal (see streamcl.stream.journal)
+EXIT_FENCED = 3
 
 
 class UsageError(Exception):
@@ -469,8 +471,6 @@ def cmd_registry(args: argparse.Namespace) -> int:
             position = f"{m['position']:,}" if isinstance(m.get("position"), int) else "-"
             metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
             holdout = metrics.get("holdout_accuracy")
-            if holdout is None and isinstance(metrics.get("holdout"), dict):
-                holdout = metrics["holdout"].get("accuracy")
             parent = m.get("parent")
             rows.append((format_version(v), created, position,
                          _pct(holdout).strip() if isinstance(holdout, int | float) else "-",
@@ -559,6 +559,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, DataError, ValueError) as exc:
         print(f"streamcl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        from streamcl.stream.journal import JournalFenced
+
+        if not isinstance(exc, JournalFenced):
+            raise
+        print(f"streamcl: stopped: {exc}", file=sys.stderr)
+        return EXIT_FENCED
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from streamcl.metrics.continual import average_accuracy, backward_transfer, forgetting
+from streamcl.stream.entries import Entry, entry_from_json
 
 #: Colours of the experience boundaries by trigger (README "Experience boundaries").
 TRIGGER_COLOURS: dict[str, str] = {
@@ -47,7 +48,7 @@ TRIGGER_COLOURS: dict[str, str] = {
 }
 _OTHER_COLOUR = "#8c564b"
 #: Aliases the report shows (the registry's public names for versions).
-ALIASES: tuple[str, ...] = ("production", "candidate")
+ALIASES: tuple[str, ...] = ("production",)
 _DASH = "—"
 
 
@@ -75,12 +76,15 @@ class ReportData:
     aliases: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_sources(cls, entries: Iterable[Mapping[str, Any]],
+    def from_sources(cls, entries: Iterable[Entry | Mapping[str, Any]],
                      manifests: Iterable[Mapping[str, Any]],
                      aliases: Mapping[str, int | None]) -> ReportData:
-        """Copy the inputs; manifests are ordered by version, unset aliases dropped."""
+        """Copy the inputs; manifests are ordered by version, unset aliases dropped. Entries go
+        through their types (:mod:`streamcl.stream.entries`): a JSON object is read as the
+        journal reads it, so a report of an old log shows what its entries mean today."""
         versions = sorted((dict(m) for m in manifests), key=lambda m: int(m.get("version", 0)))
-        return cls(entries=[dict(e) for e in entries], versions=versions,
+        typed = (e if isinstance(e, Entry) else entry_from_json(e) for e in entries)
+        return cls(entries=[e.to_json() for e in typed], versions=versions,
                    aliases={str(k): int(v) for k, v in aliases.items() if v is not None})
 
     # derived views
@@ -179,7 +183,7 @@ def _as_dict(obj: Any) -> dict[str, Any]:
     raise TypeError(f"cannot read a manifest from {type(obj).__name__}")
 
 
-def load_report_data(journal_entries: Iterable[Mapping[str, Any]],
+def load_report_data(journal_entries: Iterable[Entry | Mapping[str, Any]],
                      registry: RegistryLike | None = None) -> ReportData:
     """Gather a report's data from journal entries and (optionally) a model registry.
 

@@ -1,23 +1,26 @@
-"""The trainer service: consume micro-batches, journal each decision, learn, snapshot.
+"""The trainer service: consume micro-batches, journal each decision, learn, snapshot, publish.
 
-The service is the event-sourced loop of :mod:`streamcl.stream.journal`:
+The service is the event-sourced loop of :mod:`streamcl.stream.journal`, around one
+:class:`~streamcl.learner.Learner`. Follow one sample from message to published weights:
 
-1. :meth:`TrainerService.recover` loads the newest valid snapshot (or builds a fresh trainer),
-   replays every journaled ``batch`` entry after it (rebuilding each batch from its offset
-   ranges and checking that the trainer plans it exactly as journaled), and seeks the live
-   consumer to just after the last journaled batch; it then appends a ``start`` entry that
-   carries the configuration as ``trainer_config`` and the ``encoding`` (so
-   :func:`streamcl.replay.replay` can rebuild from scratch).
-2. :meth:`TrainerService.step_once` polls one micro-batch, plans it, appends the ``batch``
-   entry (durable before it takes effect), then applies the boundary and learns.
-3. Every ``snapshot_every_batches`` batches or ``snapshot_every_s`` seconds (and on a clean
-   stop) :meth:`TrainerService.snapshot` saves the trainer state with the last applied seq and
-   the next input offsets, journals a ``snapshot`` entry and commits the consumer-group
-   offsets (which only follow snapshots: the journal is the truth, the group offsets are a
-   convenience for other tools).
+1. :meth:`TrainerService.recover` rebuilds the learner (:func:`streamcl.learner.rebuild`: newest
+   valid snapshot + the journal after it, the same procedure ``streamcl replay`` uses), seeks the
+   live input after the last journaled batch, and journals a ``start`` entry that carries the
+   configuration, the encoding and the holdout (so a replay needs nothing but the log).
+2. :meth:`TrainerService.step_once` polls a micro-batch (the consumer process has validated and
+   decoded it), lets the learner prepare it (holdout split, plan), asks the publisher for a due
+   verdict on the model as the previous batch left it, journals the batch entry (write-behind:
+   not waited for) and applies it (:meth:`Learner.apply`, the one apply procedure).
+3. Every effect seen outside the process waits first for the journal: :meth:`_outside` is the
+   one barrier. A snapshot: barrier, save, journal it, commit the consumer group's offsets
+   (:meth:`snapshot`). A publication: journal the verdict, barrier, write the registry and
+   announce (:meth:`_publish_if_due`).
 
-A crash anywhere loses nothing: a batch journaled but not learned is re-learned by recovery;
-a batch polled but not journaled is polled again, since recovery seeks to the journal's end.
+A crash anywhere loses nothing: a batch journaled but not learned is re-learned by recovery; a
+batch learned but whose entry never reached the log is polled again, since recovery seeks to the
+journal's end; no snapshot, publication or commit ever depends on an entry the log lacks. A
+second instance with the same name fences this one (:class:`~streamcl.stream.journal.
+JournalFenced` from the next barrier), which then stops without writing anything more.
 """
 
 from __future__ import annotations
@@ -28,115 +31,43 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
-
+from streamcl.learner import Applied, Learner, Rebuilt, Step, rebuild
 from streamcl.metrics.prometheus import ServiceMetrics
 from streamcl.models import build_model
 from streamcl.registry.holdout import Holdout
 from streamcl.registry.publisher import Publisher
-from streamcl.state import state_sha256
-from streamcl.stream.consumer import BatchConsumer, MicroBatch, RangeReader
-from streamcl.stream.journal import (
-    Journal,
-    JournalError,
-    batch_entry,
-    journal_topic,
-    ranges_from_json,
-    snapshot_entry,
-    start_entry,
+from streamcl.stream.consumer import BatchConsumer, MicroBatch
+from streamcl.stream.entries import (
+    Entry,
+    HoldoutSpec,
+    Publish,
+    Reject,
+    Snapshot,
+    Start,
+    Verdict,
+    config_hash,
 )
+from streamcl.stream.journal import Journal, journal_topic, writer_id
 from streamcl.stream.messages import Decoder
 from streamcl.stream.prefetch import PrefetchingConsumer
 from streamcl.stream.snapshots import SnapshotStore
 from streamcl.threads import configure_threads
-from streamcl.trainer import OnlineTrainer, Plan, StepResult, TrainerConfig
+from streamcl.trainer import OnlineTrainer, TrainerConfig
 
 if TYPE_CHECKING:
     from streamcl.metrics.server import MetricsServer
     from streamcl.settings import Settings
 
 log = logging.getLogger(__name__)
-
-
-#: anything that rebuilds a batch from offset ranges
-RangeSource = RangeReader | BatchConsumer | PrefetchingConsumer
-
-
-class ReplayMismatch(RuntimeError):
-    """Replaying a journaled batch did not reproduce the journaled decision (log and code
-    disagree: different code, configuration, input data or decoding)."""
+E = TypeVar("E", bound=Entry)
 
 
 def wants_task_cuts(config: TrainerConfig) -> bool:
     """Whether the boundary spec includes the ``task`` trigger (batches must not straddle it)."""
     return "task" in {part.strip().split(":")[0] for part in config.boundaries.split(",")}
-
-
-def split_holdout(batch: MicroBatch, holdout: Holdout | None
-                  ) -> tuple[MicroBatch, torch.Tensor | None]:
-    """The batch's training part, and the mask of its held-out samples (``None``: none)."""
-    if holdout is None or holdout.fraction == 0 or not len(batch):
-        return batch, None
-    mask = holdout.split(len(batch))
-    if not bool(mask.any()):
-        return batch, None
-    keep = ~mask
-    task = None if batch.task is None else batch.task[keep]
-    ids = [i for i, m in zip(batch.ids, mask.tolist(), strict=True) if not m]
-    return MicroBatch(batch.x[keep], batch.y[keep], task, batch.ranges, batch.rejected,
-                      batch.timestamp_ms, ids), mask
-
-
-def keep_holdout(holdout: Holdout | None, batch: MicroBatch, mask: torch.Tensor | None,
-                 experience: int) -> int:
-    """File the batch's held-out samples; advance the holdout's stream index; return how many."""
-    if holdout is None:
-        return 0
-    if mask is None:
-        holdout.advance(len(batch))
-        return 0
-    holdout.add(batch.x[mask], batch.y[mask], experience, len(batch))
-    return int(mask.sum())
-
-
-def apply_batch_entry(trainer: OnlineTrainer, consumer: RangeSource,
-                      entry: Mapping[str, Any], holdout: Holdout | None = None) -> MicroBatch:
-    """Re-apply one journaled ``batch`` entry: rebuild the batch, split off the holdout,
-    re-plan, check, learn."""
-    batch = consumer.read_ranges(ranges_from_json(entry["ranges"]))
-    return apply_batch(trainer, batch, entry, holdout)
-
-
-def apply_batch(trainer: OnlineTrainer, batch: MicroBatch, entry: Mapping[str, Any],
-                holdout: Holdout | None = None) -> MicroBatch:
-    """Re-apply a journaled ``batch`` entry to the batch read back from its ranges."""
-    seq = entry.get("seq")
-    if len(batch) != entry["samples"] or batch.rejected != entry["rejected"]:
-        raise ReplayMismatch(f"journal entry {seq}: ranges {entry['ranges']} give "
-                             f"{len(batch)} samples / {batch.rejected} rejected, the journal "
-                             f"says {entry['samples']} / {entry['rejected']}")
-    train, mask = split_holdout(batch, holdout)
-    plan = trainer.plan(train.y, train.task) if len(train) else None
-    if (plan.to_json() if plan else {}) != entry["plan"]:
-        raise ReplayMismatch(f"journal entry {seq}: replay plans "
-                             f"{plan.to_json() if plan else {}}, the journal says {entry['plan']}")
-    if plan is not None:
-        if plan.boundary is not None:
-            trainer.end_experience(plan.boundary)
-        trainer.learn(train.x, train.y, plan)
-    keep_holdout(holdout, batch, mask, trainer.strategy.experience)
-    return batch
-
-
-def full_state(trainer: OnlineTrainer, holdout: Holdout | None) -> dict[str, Any]:
-    """Everything replay must reproduce: the trainer's state, plus the holdout's if any."""
-    state = trainer.state_dict()
-    if holdout is not None:
-        state["holdout"] = holdout.state_dict()
-    return state
 
 
 class TrainerService:
@@ -154,39 +85,26 @@ class TrainerService:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if snapshot_every_batches < 1:
             raise ValueError(f"snapshot_every_batches must be >= 1, got {snapshot_every_batches}")
-        self.config = config
-        self.topic = topic
-        self.name = name
-        self.encoding = encoding
-        self.batch_size = batch_size
-        self.max_wait_s = max_wait_s
+        self.config, self.topic, self.name, self.encoding = config, topic, name, encoding
+        self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.snapshot_every_batches = snapshot_every_batches
         self.snapshot_every_s = snapshot_every_s
-        self._last_snapshot_t = time.monotonic()
+        self.holdout_spec = (None if holdout is None else
+                             HoldoutSpec(fraction=holdout.fraction, size=holdout.size,
+                                         seed=holdout.seed))
+        self.publisher = publisher
+        self.metrics = metrics or ServiceMetrics()
         self.snapshots = SnapshotStore(snapshot_dir, keep=keep_snapshots)
-        self.journal = Journal(bootstrap, journal_topic(name), client_config)
-        decoder = Decoder(config.input_shape, encoding=encoding)
+        # opening the journal as its writer fences any older instance of this learner
+        self.journal = Journal(bootstrap, journal_topic(name), client_config,
+                               writer=writer_id(name))
         try:
-            # consuming runs in a child process by default (see streamcl.stream.prefetch)
-            self.consumer: BatchConsumer | PrefetchingConsumer
-            if prefetch:
-                self.consumer = PrefetchingConsumer(
-                    bootstrap, topic, group_id, decoder, batch_size=batch_size,
-                    max_wait_s=max_wait_s, cut_at_task_change=wants_task_cuts(config),
-                    client_config=client_config, session_timeout_ms=session_timeout_ms,
-                    hold_until_seek=True)
-            else:
-                self.consumer = BatchConsumer(
-                    bootstrap, topic, group_id, decoder,
-                    cut_at_task_change=wants_task_cuts(config), client_config=client_config,
-                    session_timeout_ms=session_timeout_ms)
+            self.consumer = self._consumer(bootstrap, group_id, prefetch, client_config,
+                                           session_timeout_ms)
         except BaseException:
             self.journal.close()
             raise
-        self.trainer: OnlineTrainer | None = None
-        self.holdout = holdout
-        self.publisher = publisher
-        self.metrics = metrics
+        self.learner: Learner | None = None
         #: newest Kafka timestamp (ms) among the samples trained on (model freshness)
         self.newest_ts_ms: int | None = None
         self.ready = False             # recovered and caught up with the journal
@@ -195,137 +113,120 @@ class TrainerService:
         #: next input offset per partition (after the last applied batch)
         self.offsets: dict[int, int] = {}
         #: live batches applied by this process / samples / rejected messages in them
-        self.batches = 0
-        self.samples = 0
-        self.rejected = 0
+        self.batches = self.samples = self.rejected = 0
         self.skipped_batches = 0   # re-delivered batches dropped (after a rebalance)
         self._since_snapshot = 0
+        self._last_snapshot_t = time.monotonic()
         self._snapshot_seq = -1    # covers_seq of the last snapshot written or loaded
+
+    def _consumer(self, bootstrap: str, group_id: str, prefetch: bool,
+                  client_config: dict[str, Any] | None, session_timeout_ms: int
+                  ) -> BatchConsumer | PrefetchingConsumer:
+        """The live input: in a child process by default (see streamcl.stream.prefetch)."""
+        decoder = Decoder(self.config.input_shape, encoding=self.encoding)
+        common = {"cut_at_task_change": wants_task_cuts(self.config),
+                  "client_config": client_config, "session_timeout_ms": session_timeout_ms}
+        if prefetch:
+            return PrefetchingConsumer(bootstrap, self.topic, group_id, decoder,
+                                       batch_size=self.batch_size, max_wait_s=self.max_wait_s,
+                                       hold_until_seek=True, **common)
+        return BatchConsumer(bootstrap, self.topic, group_id, decoder, **common)
+
+    @property
+    def trainer(self) -> OnlineTrainer:
+        return self._learner().trainer
+
+    @property
+    def holdout(self) -> Holdout | None:
+        return self._learner().holdout
+
+    def _learner(self) -> Learner:
+        if self.learner is None:
+            raise RuntimeError("call recover() first")
+        return self.learner
 
     # -- recovery ---------------------------------------------------------------------------
     def recover(self) -> dict[str, Any]:
-        """Snapshot + journal replay; seek the live stream after the last journaled batch.
-
-        Publications in the replayed journal are checked against the registry: a version
-        journaled but never written (a crash in between) is published now, from the replayed
-        state, which is exactly the state it was journaled with.
-        """
+        """Rebuild the learner from snapshot + journal; seek the live stream after the last
+        journaled batch; journal a ``start`` entry. Publications in the replayed journal that
+        the registry lacks (a crash in between) are published now, from the replayed state."""
         t0 = time.monotonic()
-        mine = self.config.to_json()
-        found = self.snapshots.latest_valid()
-        covers, offsets = -1, {}
-        if found is not None:
-            info, state = found
-            if state.get("config") != mine:
-                diff = sorted(k for k in mine if state.get("config", {}).get(k) != mine[k])
-                raise ValueError(f"snapshot {info.path} was made with a different configuration "
-                                 f"({', '.join(diff)}); use its configuration or another "
-                                 "learner name / snapshot directory")
-            if info.covers_seq >= self.journal.next_seq:
-                raise JournalError(f"snapshot {info.path} covers journal entry {info.covers_seq} "
-                                   f"but {self.journal.topic} ends before it (next seq "
-                                   f"{self.journal.next_seq}): the journal was lost; refusing to "
-                                   "resume silently")
-            trainer = OnlineTrainer.from_state(state)
-            if self.holdout is not None and "holdout" in state:
-                self.holdout.load_state_dict(state["holdout"])
-            covers, offsets = info.covers_seq, dict(info.offsets)
-        else:
-            trainer = OnlineTrainer(self.config)
-        self.trainer = trainer
-        self._snapshot_seq = covers
-        if self.publisher is not None:
-            self._restore_publisher(covers)
-        replayed, republished = 0, 0
+        first_read: list[float] = []   # when replay began training (the consumer is up)
+        republished, rebuilt_seq = [0], [-1]
         end = self.journal.next_seq
-        entries = list(self.journal.read(from_seq=covers + 1))
-        # the batches are read ahead (by the consumer process) while earlier ones train
-        batches = self.consumer.read_many([ranges_from_json(e["ranges"]) for e in entries
-                                           if e["type"] == "batch"])
-        first_read = None  # when the first batch was read back (the consumer process is up)
-        for entry in entries:
-            if entry["type"] == "batch":
-                read = next(batches)
-                first_read = first_read or time.monotonic()
-                batch = apply_batch(trainer, read, entry, self.holdout)
-                offsets.update(batch.next_offsets)
-                self._note_timestamp(batch)
-                replayed += 1
-            elif entry["type"] == "publish" and self.publisher is not None:
-                republished += self._replay_publication(entry)
-            if self.metrics is not None:
-                self.metrics.set_journal(max(0, end - 1 - entry["seq"]), entry["seq"] - covers)
+
+        def on_entry(entry: Entry, learner: Learner) -> None:
+            first_read[:] = first_read or [time.monotonic()]
+            if isinstance(entry, Verdict) and self.publisher is not None:
+                republished[0] += self._replay_verdict(entry, learner)
+            self.metrics.set_journal(max(0, end - 1 - entry.seq), entry.seq - rebuilt_seq[0])
+
+        rebuilt = rebuild(self.journal, self.consumer, self.config, self.holdout_spec,
+                          self.snapshots, on_entry=on_entry,
+                          on_start=lambda r: self._restore(r, rebuilt_seq))
+        self.learner, self.offsets = rebuilt.learner, rebuilt.offsets
+        self._snapshot_seq = rebuilt.snapshot_seq
+        self.newest_ts_ms = max(self.newest_ts_ms or 0, rebuilt.newest_ts_ms or 0) or None
         if self.publisher is not None:
-            self._load_production()
-        self.offsets = offsets
-        if offsets:
-            self.consumer.seek(offsets)
-        else:
-            # no snapshot and no journaled batch: the log start, not the group's offsets
-            # (which could be ahead if a snapshot directory was lost)
-            self.consumer.seek_to_beginning()
-        extra = {}
-        if self.holdout is not None:
-            extra["holdout"] = {"fraction": self.holdout.fraction, "size": self.holdout.size,
-                                "seed": self.holdout.seed}
-        self._append(start_entry(mine, trainer_config=mine, encoding=self.encoding,
-                                 topic=self.topic, snapshot_seq=covers, replayed=replayed,
-                                 **extra))
-        summary = {"snapshot_seq": None if covers < 0 else covers, "replayed": replayed,
-                   "republished": republished, "position": trainer.position,
-                   "offsets": dict(offsets), "seconds": time.monotonic() - t0,
-                   "replay_seconds": time.monotonic() - (first_read or time.monotonic())}
-        if self.metrics is not None:
-            self.metrics.set_experience(trainer.strategy.experience)
-            self.metrics.set_journal(0, self.journal.next_seq - 1 - covers)
-            self.metrics.set_ready(True)
+            self.publisher.load_production()
+            self._show_production()
+        self._seek_live()
+        self._append(Start(config_hash=config_hash(self.config.to_json()),
+                           trainer_config=self.config.to_json(), encoding=self.encoding,
+                           topic=self.topic, snapshot_seq=rebuilt.snapshot_seq,
+                           replayed=rebuilt.replayed, holdout=self.holdout_spec))
+        summary = {"snapshot_seq": None if rebuilt.snapshot_seq < 0 else rebuilt.snapshot_seq,
+                   "replayed": rebuilt.replayed, "republished": republished[0],
+                   "position": self.trainer.position, "offsets": dict(self.offsets),
+                   "seconds": time.monotonic() - t0,
+                   "replay_seconds": time.monotonic() - (first_read or [time.monotonic()])[0]}
+        self.metrics.set_experience(self.learner.experience)
+        self.metrics.set_journal(0, self.journal.next_seq - 1 - self._snapshot_seq)
+        self.metrics.set_ready(True)
         self.ready = True
         log.info("recovered %s: %s", self.name, summary)
         return summary
 
-    def _restore_publisher(self, covers: int) -> None:
-        """Publication triggers and accuracy rows as of the journal's last verdict before
-        ``covers`` (those after it are re-read during replay)."""
-        pub = self.publisher
-        assert pub is not None
-        for entry in self.journal.read(to_seq=covers) if covers >= 0 else ():
-            if entry["type"] in ("publish", "reject"):
-                self._note_verdict(entry)
+    def _restore(self, rebuilt: Rebuilt, seq: list[int]) -> None:
+        """What the snapshot kept beside the learner: the publisher's state, the newest sample
+        time. (A snapshot from before the publisher kept its state: its verdicts are re-read.)"""
+        seq[0] = rebuilt.snapshot_seq
+        stream = rebuilt.snapshot_extra.get("stream", {})
+        self.newest_ts_ms = stream.get("newest_ts_ms")
+        if self.publisher is None:
+            return
+        if "publisher" in rebuilt.snapshot_extra:
+            self.publisher.load_state_dict(rebuilt.snapshot_extra["publisher"])
+        elif rebuilt.snapshot_seq >= 0:
+            for entry in self.journal.read(to_seq=rebuilt.snapshot_seq):
+                if isinstance(entry, Verdict):
+                    self.publisher.restore(entry)
 
-    def _load_production(self) -> None:
+    def _replay_verdict(self, entry: Verdict, learner: Learner) -> int:
+        """A journaled verdict met during recovery; 1 if its version had to be published."""
+        assert self.publisher is not None
+        if not isinstance(entry, Publish):
+            self.publisher.restore(entry)
+            return 0
+        fields = self._manifest_fields(entry.seq, learner.position)
+        return int(self.publisher.republish_if_missing(entry, learner, **fields))
+
+    def _seek_live(self) -> None:
+        if self.offsets:
+            self.consumer.seek(self.offsets)
+        else:
+            # no snapshot and no journaled batch: the log start, not the group's offsets
+            # (which could be ahead if a snapshot directory was lost)
+            self.consumer.seek_to_beginning()
+
+    def _show_production(self) -> None:
         pub = self.publisher
-        assert pub is not None
-        pub.load_production()
-        if self.metrics is not None and pub.production is not None:
+        if pub is not None and pub.production is not None:
             manifest = pub.production.manifest
             ts = manifest.get("newest_sample_ts_ms")
             self.metrics.set_production(pub.production_version or 0,
                                         None if ts is None else ts / 1e3,
                                         manifest.get("created_at"))
-
-    def _note_verdict(self, entry: Mapping[str, Any]) -> None:
-        pub = self.publisher
-        assert pub is not None
-        pub.mark(entry["position"], entry.get("ts"))
-        metrics = entry.get("metrics", {})
-        if metrics.get("finished"):
-            row = metrics.get("accuracy_matrix", {}).get(str(metrics.get("experience")))
-            if row is not None:
-                pub.rows[int(metrics["experience"])] = {int(c): v for c, v in row.items()}
-
-    def _replay_publication(self, entry: Mapping[str, Any]) -> int:
-        """Re-publish a journaled version the registry lacks; 1 if it had to."""
-        pub = self.publisher
-        assert pub is not None and self.trainer is not None
-        self._note_verdict(entry)
-        version = int(entry["version"])
-        if pub.registry.exists(version):
-            pub.production_version = version
-            return 0
-        log.warning("v%d was journaled but not in the registry: publishing it now", version)
-        pub.commit(pub.rebuild(self.trainer, entry), version, self.trainer,
-                   **self._manifest_fields(entry["seq"]))
-        return 1
 
     # -- the loop ---------------------------------------------------------------------------
     def step_once(self) -> bool:
@@ -335,19 +236,32 @@ class TrainerService:
         model as the previous batch left it (an experience-end publication is due when the
         new batch's plan opens an experience, before that boundary is applied).
         """
-        if self.trainer is None:
-            raise RuntimeError("call recover() first")
+        learner = self._learner()
         self.last_loop = time.monotonic()
         batch = self.consumer.poll_batch(self.batch_size, self.max_wait_s)
         if batch is None:
-            self._maybe_publish(experience_ended=False)  # the time trigger on a quiet stream
+            self._publish_if_due(experience_ended=False)  # the time trigger on a quiet stream
             if self._snapshot_due():  # quiet stream: still bound the journal left to replay
                 self.snapshot()
             return False
+        if self._redelivered(batch):
+            return True
+        step = learner.prepare(batch)
+        self._publish_if_due(step.plan is not None and step.plan.boundary is not None)
+        entry = self._append(step.entry())
+        t0 = time.perf_counter()
+        applied = learner.apply(step, entry)
+        self._account(step, applied, time.perf_counter() - t0)
+        if self._since_snapshot >= self.snapshot_every_batches or self._snapshot_due():
+            self.snapshot()
+        return True
+
+    def _redelivered(self, batch: MicroBatch) -> bool:
+        """A batch from before the journal's end (re-delivered after a rebalance): drop it and
+        seek back to where the journal ends."""
         stale = {p: first for p, (first, _) in batch.ranges.items()
                  if p in self.offsets and first != self.offsets[p]}
         if any(first < self.offsets[p] for p, first in stale.items()):
-            # re-delivered after a rebalance: drop it and continue where the journal ends
             log.warning("batch %s re-delivered (journal is at %s): skipped", batch.ranges,
                         self.offsets)
             self.skipped_batches += 1
@@ -355,37 +269,21 @@ class TrainerService:
             return True
         if stale:
             log.warning("offset gap before batch %s (expected %s)", batch.ranges, self.offsets)
-        train, mask = split_holdout(batch, self.holdout)
-        plan = self.trainer.plan(train.y, train.task) if len(train) else None
-        self._maybe_publish(experience_ended=plan is not None and plan.boundary is not None)
-        self._append(batch_entry(batch.ranges, plan.to_json() if plan else {},
-                                 samples=len(batch), rejected=batch.rejected))
-        t0 = time.perf_counter()
-        result = None
-        if plan is not None:
-            if plan.boundary is not None:
-                self.trainer.end_experience(plan.boundary)
-            result = self.trainer.learn(train.x, train.y, plan)
-            self._note_timestamp(batch)
-        step_s = time.perf_counter() - t0
-        held = keep_holdout(self.holdout, batch, mask, self.trainer.strategy.experience)
+        return False
+
+    def _account(self, step: Step, applied: Applied, step_s: float) -> None:
+        """Counters, offsets and metrics after a live step."""
+        batch, plan, result = step.batch, step.plan, applied.result
+        if plan is not None and batch.timestamp_ms is not None:
+            self.newest_ts_ms = max(self.newest_ts_ms or 0, batch.timestamp_ms)
         self.offsets.update(batch.next_offsets)
         self.batches += 1
         self.samples += len(batch)
         self.rejected += batch.rejected
         self._since_snapshot += 1
-        if self.metrics is not None:
-            self._observe(batch, plan, result, held, step_s)
-        if self._since_snapshot >= self.snapshot_every_batches or self._snapshot_due():
-            self.snapshot()
-        return True
-
-    def _observe(self, batch: MicroBatch, plan: Plan | None, result: StepResult | None,
-                 held: int, step_s: float) -> None:
         m = self.metrics
-        assert m is not None and self.trainer is not None
-        m.observe_batch(consumed=len(batch), trained=plan.size if plan else 0, holdout=held,
-                        correct=result.correct if result else 0,
+        m.observe_batch(consumed=len(batch), trained=plan.size if plan else 0,
+                        holdout=applied.held, correct=result.correct if result else 0,
                         loss=result.loss if result else 0.0, step_seconds=step_s)
         rejections = Counter(self.consumer.rejections)
         for code, n in (rejections - self._seen_rejections).items():
@@ -397,89 +295,85 @@ class TrainerService:
         m.set_buffer(*self.trainer.strategy.memory_usage())
         m.set_journal(0, self.journal.next_seq - 1 - self._snapshot_seq)
 
-    def _note_timestamp(self, batch: MicroBatch) -> None:
-        if batch.timestamp_ms is not None:
-            self.newest_ts_ms = max(self.newest_ts_ms or 0, batch.timestamp_ms)
-
-    def _append(self, entry: Mapping[str, Any]) -> int:
+    def _append(self, entry: E) -> E:
         t0 = time.perf_counter()
-        seq = self.journal.append(entry)
-        if self.metrics is not None:
-            self.metrics.journal_appended(time.perf_counter() - t0)
-        return seq
+        numbered = self.journal.append(entry)
+        self.metrics.journal_appended(time.perf_counter() - t0)
+        return numbered
+
+    def _outside(self) -> None:
+        """The one barrier before any effect seen outside this process (snapshot, registry,
+        announcement, group commit): every journal entry so far is acknowledged."""
+        self.journal.sync()
 
     # -- publication --------------------------------------------------------------------------
-    def _maybe_publish(self, experience_ended: bool) -> dict[str, Any] | None:
+    def _publish_if_due(self, experience_ended: bool) -> Verdict | None:
         """Judge, journal and (if the gate agrees) publish the current model when due."""
-        pub, trainer = self.publisher, self.trainer
-        if pub is None or trainer is None:
+        if self.publisher is None:
             return None
-        trigger = pub.due(trainer.position, experience_ended)
-        if trigger is None:
-            return None
+        learner = self._learner()
         t0 = time.perf_counter()
-        candidate = pub.evaluate(trainer, self.holdout or Holdout(0, 1), trigger,
-                                 trainer.strategy.experience, finished=experience_ended)
-        common = {"position": trainer.position, "trigger": trigger,
-                  "metrics": candidate.metrics, "gate": candidate.gate,
-                  "newest_sample_ts_ms": self.newest_ts_ms}
-        if not candidate.promote:
-            entry = {"type": "reject", "reason": candidate.reason, **common}
-            self._append(entry)
-            pub.mark(trainer.position)
-            if self.metrics is not None:
-                self.metrics.gate_rejected("worse")
-            log.info("gate rejected the candidate at %d: %s", trainer.position, candidate.reason)
-            return entry
-        version = pub.next_version()
-        entry = {"type": "publish", "version": version, **common}
-        seq = self._append(entry)  # journaled before it takes effect
-        pub.commit(candidate, version, trainer, **self._manifest_fields(seq))
-        pub.mark(trainer.position)
-        if self.metrics is not None:
-            self.metrics.published(version, time.perf_counter() - t0,
-                                   None if self.newest_ts_ms is None else self.newest_ts_ms / 1e3)
-        log.info("published v%d at %d (%s): %s", version, trainer.position, trigger,
-                 candidate.reason)
-        return entry
+        verdict = self.publisher.judge(learner, experience_ended, self.newest_ts_ms)
+        if verdict is None:
+            return None
+        verdict = self._append(verdict)
+        if isinstance(verdict, Reject):
+            self.metrics.gate_rejected("worse")
+            log.info("gate rejected the candidate at %d: %s", verdict.position, verdict.reason)
+            return verdict
+        self._outside()
+        self.publisher.commit(verdict, learner,
+                              **self._manifest_fields(verdict.seq, learner.position))
+        self.metrics.published(verdict.version, time.perf_counter() - t0,
+                               None if self.newest_ts_ms is None else self.newest_ts_ms / 1e3)
+        log.info("published v%d at %d (%s): %s", verdict.version, verdict.position,
+                 verdict.trigger, verdict.gate.reason)
+        return verdict
 
-    def _manifest_fields(self, seq: int) -> dict[str, Any]:
-        assert self.trainer is not None
+    def _manifest_fields(self, seq: int, position: int) -> dict[str, Any]:
         return {"journal_seq": seq, "journal_topic": self.journal.topic,
                 "offsets": {str(p): o for p, o in sorted(self.offsets.items())},
-                "position": self.trainer.position, "newest_sample_ts_ms": self.newest_ts_ms}
+                "position": position, "newest_sample_ts_ms": self.newest_ts_ms}
 
+    # -- snapshots ----------------------------------------------------------------------------
     def _snapshot_due(self) -> bool:
         return (self.snapshot_every_s is not None and self._since_snapshot > 0
                 and time.monotonic() - self._last_snapshot_t >= self.snapshot_every_s)
 
-    def snapshot(self) -> dict[str, Any] | None:
+    def snapshot(self) -> Snapshot | None:
         """Save the state covering every journal entry so far; journal it; commit offsets.
 
-        Returns the journaled entry, or ``None`` when the last snapshot already covers it all.
+        The order is the point: (1) every entry the state depends on is acknowledged, (2) the
+        state is saved (atomically), (3) the snapshot is journaled, (4) the consumer group's
+        offsets follow. A crash between any two leaves a log that recovery rebuilds the same
+        state from. Returns the entry, or ``None`` when the last snapshot already covers it all.
         """
-        if self.trainer is None:
-            raise RuntimeError("call recover() first")
+        learner = self._learner()
         covers = self.journal.next_seq - 1
         if covers == self._snapshot_seq or covers < 0:
             return None
         offsets = dict(self.offsets)
         t0 = time.perf_counter()
-        info = self.snapshots.save(full_state(self.trainer, self.holdout), covers_seq=covers,
-                                   offsets=offsets)
-        entry = snapshot_entry(info.path, info.sha256, covers, offsets)
+        self._outside()
+        state = learner.state_dict()
+        state["stream"] = {"newest_ts_ms": self.newest_ts_ms}
+        if self.publisher is not None:
+            state["publisher"] = self.publisher.state_dict()
+        info = self.snapshots.save(state, covers_seq=covers, offsets=offsets)
         # the snapshot's own entry adds nothing to replay: a later snapshot() with no new batch
         # must see "nothing new", not write the same state again
-        self._snapshot_seq = self._append(entry)
-        if self.metrics is not None:
-            self.metrics.snapshot_taken(time.perf_counter() - t0, 0)
-            self.metrics.set_journal(0, 0)
+        entry = self._append(Snapshot(path=str(info.path), sha256=info.sha256,
+                                      covers_seq=covers, offsets=offsets))
+        self._snapshot_seq = entry.seq
+        self.metrics.snapshot_taken(time.perf_counter() - t0, 0)
+        self.metrics.set_journal(0, 0)
         self._since_snapshot = 0
         self._last_snapshot_t = time.monotonic()
         if offsets:
             self.consumer.commit(offsets)
         return entry
 
+    # -- running ------------------------------------------------------------------------------
     def run(self, stop: threading.Event,
             until: Callable[[TrainerService], bool] | None = None) -> dict[str, Any]:
         """``recover()``, then step until ``stop`` is set (or ``until(self)`` is true); then
@@ -499,9 +393,7 @@ class TrainerService:
         return not self.ready or time.monotonic() - self.last_loop < stuck_after_s
 
     def state_sha256(self) -> str:
-        if self.trainer is None:
-            raise RuntimeError("call recover() first")
-        return state_sha256(full_state(self.trainer, self.holdout))
+        return self._learner().sha256()
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -562,5 +454,4 @@ def install_sigterm(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-__all__ = ["ReplayMismatch", "TrainerService", "apply_batch_entry", "full_state",
-           "install_sigterm", "service_from_settings", "split_holdout", "wants_task_cuts"]
+__all__ = ["TrainerService", "install_sigterm", "service_from_settings", "wants_task_cuts"]

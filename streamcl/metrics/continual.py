@@ -12,6 +12,8 @@ Lopez-Paz & Ranzato (GEM, 2017) and Chaudhry et al. (RWalk, 2018).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 Matrix = list[list[float | None]]
 
@@ -44,3 +46,55 @@ def backward_transfer(matrix: Matrix) -> float:
     diffs = [matrix[last][j] - matrix[j][j] for j in range(last)
              if matrix[j][j] is not None and matrix[last][j] is not None]
     return sum(diffs) / len(diffs) if diffs else math.nan
+
+
+@dataclass(frozen=True)
+class AccuracyMatrix:
+    """The accuracy matrix as journaled: ``rows[r][c]`` = accuracy after experience ``r`` on
+    experience ``c``'s holdout samples; only defined cells are stored.
+
+    The one value type for it: the publisher builds it, verdict entries and manifests carry its
+    JSON (``{"r": {"c": acc}}``, keys as strings, values rounded to 6 digits), the report draws
+    its :meth:`dense` form, and the metrics above read that form.
+
+    >>> m = AccuracyMatrix({0: {0: 0.9}}).with_row(1, {0: 0.5, 1: 0.8})
+    >>> m.dense(), m.average_accuracy(), AccuracyMatrix.from_json(m.to_json()) == m
+    ([[0.9, None], [0.5, 0.8]], 0.65, True)
+    """
+
+    rows: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    def with_row(self, experience: int, row: dict[int, float]) -> AccuracyMatrix:
+        """This matrix with the row after ``experience`` set to ``row``."""
+        return AccuracyMatrix({**self.rows, experience: dict(row)})
+
+    @property
+    def row_ids(self) -> list[int]:
+        return sorted(self.rows)
+
+    @property
+    def col_ids(self) -> list[int]:
+        return sorted({c for r in self.rows.values() for c in r} | set(self.rows))
+
+    def dense(self) -> Matrix:
+        """Rows and columns in experience order, ``None`` where undefined or ``c > r``."""
+        cols = self.col_ids
+        return [[self.rows[r].get(c) if c <= r else None for c in cols] for r in self.row_ids]
+
+    def average_accuracy(self) -> float:
+        return average_accuracy(self.dense())
+
+    def forgetting(self) -> float:
+        return forgetting(self.dense())
+
+    def backward_transfer(self) -> float:
+        return backward_transfer(self.dense())
+
+    def to_json(self) -> dict[str, dict[str, float]]:
+        return {str(r): {str(c): round(v, 6) for c, v in sorted(cols.items())}
+                for r, cols in sorted(self.rows.items())}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Mapping[str, float]]) -> AccuracyMatrix:
+        return cls({int(r): {int(c): float(v) for c, v in cols.items()}
+                    for r, cols in data.items()})

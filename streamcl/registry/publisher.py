@@ -1,26 +1,32 @@
 """When to publish, whether the candidate may replace production, and the publication itself.
 
-The trainer service asks :meth:`Publisher.due` between batches. When a trigger fires (every N
-samples, every T seconds, at an experience's end), :meth:`Publisher.evaluate` exports the
-candidate and scores it and the production model on the same holdout: the gate's verdict, the
+The trainer service asks :meth:`Publisher.judge` between batches. When a trigger fires (every N
+samples, every T seconds, at an experience's end), the publisher exports the candidate and
+scores it and the production model on the same holdout: the gate's verdict, the
 continual-learning metrics (accuracy matrix over the experiences the holdout samples arrived
 in, average accuracy, forgetting, backward transfer) and the negative flip rate against
-production. The service journals the verdict, and only then :meth:`Publisher.commit` writes the
-version, moves ``production`` and announces it — so a crash between the two is repaired by
-recovery re-publishing the journaled version from the replayed state.
+production. It returns its verdict as a journal entry (:class:`~streamcl.stream.entries.Publish`
+or :class:`~streamcl.stream.entries.Reject`). The service journals it and waits for the
+journal's acknowledgement, and only then :meth:`Publisher.commit` writes the version, moves
+``production`` and announces it — so a crash between the two is repaired by recovery
+re-publishing the journaled version from the replayed state (:meth:`Publisher.restore`).
+
+Its own state (when it last published, the accuracy rows of finished experiences) is small and
+goes into every snapshot (:meth:`state_dict`), so recovery reads only the journal after it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from streamcl.metrics.continual import average_accuracy, backward_transfer, forgetting
+from streamcl.metrics.continual import AccuracyMatrix
 from streamcl.registry.announce import Announcer, announcement
 from streamcl.registry.holdout import (
     Holdout,
@@ -31,8 +37,12 @@ from streamcl.registry.holdout import (
 )
 from streamcl.registry.model import InferenceModel, export_model
 from streamcl.registry.registry import PRODUCTION, ModelRegistry
-from streamcl.stream.journal import config_hash
-from streamcl.trainer import OnlineTrainer
+from streamcl.stream.entries import Evaluation, Gate, Publish, Reject, Verdict, config_hash
+
+if TYPE_CHECKING:
+    from streamcl.learner import Learner
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,18 +57,15 @@ class PublishPolicy:
 
 @dataclass
 class Candidate:
-    """An exported model with its gate verdict and metrics (nothing is written yet)."""
+    """An exported model with its evaluation and the gate's verdict (nothing is written yet)."""
 
-    trigger: str
-    promote: bool
-    reason: str
     tensors: dict[str, torch.Tensor]
     model: dict[str, Any]
-    metrics: dict[str, Any]
-    gate: dict[str, Any]
+    metrics: Evaluation
+    gate: Gate
 
 
-def _finite(value: float) -> float | None:
+def _finite(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else round(float(value), 6)
 
 
@@ -76,8 +83,9 @@ class Publisher:
         self.production_version: int | None = registry.alias(PRODUCTION)
         self.last_position = 0
         self.last_time = clock()
-        #: holdout accuracy after each finished experience: {row experience: {column: acc}}
-        self.rows: dict[int, dict[int, float]] = {}
+        #: holdout accuracy after each finished experience
+        self.finished = AccuracyMatrix()
+        self._candidate: tuple[int, Candidate] | None = None  # (version, judged candidate)
 
     # -- when ---------------------------------------------------------------------------------
     def due(self, position: int, experience_ended: bool) -> str | None:
@@ -105,15 +113,34 @@ class Publisher:
         self.production = (None if self.production_version is None else
                            self.registry.load_model(self.production_version))
 
-    def evaluate(self, trainer: OnlineTrainer, holdout: Holdout, trigger: str,
-                 experience: int, *, finished: bool) -> Candidate:
-        """Export the trainer's model and judge it on the holdout against production.
+    def judge(self, learner: Learner, experience_ended: bool,
+              newest_sample_ts_ms: int | None = None) -> Publish | Reject | None:
+        """The verdict on the learner's model if a trigger is due (``None`` if not), as the
+        journal entry that records it. A ``Publish`` is then :meth:`commit`-ted by the caller
+        once the entry is acknowledged; the triggers restart either way."""
+        trigger = self.due(learner.position, experience_ended)
+        if trigger is None:
+            return None
+        candidate = self.evaluate(learner, finished=experience_ended)
+        common: dict[str, Any] = {"position": learner.position, "trigger": trigger,
+                                  "metrics": candidate.metrics, "gate": candidate.gate,
+                                  "newest_sample_ts_ms": newest_sample_ts_ms}
+        self.mark(learner.position)
+        if not candidate.gate.promoted:
+            return Reject(reason=candidate.gate.reason, **common)
+        version = self.next_version()
+        self._candidate = (version, candidate)
+        return Publish(version=version, **common)
 
-        ``experience`` is the experience the model last trained on; ``finished`` when it just
-        ended (its accuracy row is then final and kept for the matrix).
+    def evaluate(self, learner: Learner, *, finished: bool) -> Candidate:
+        """Export the learner's model and judge it on its holdout against production.
+
+        The accuracy row is for the experience the model last trained on; ``finished`` when
+        that experience just ended (its row is then final and kept for the matrix).
         """
-        tensors, section = export_model(trainer)
+        tensors, section = export_model(learner.trainer)
         model = InferenceModel(tensors, {"model": section})
+        holdout = learner.holdout or Holdout(0, 1)
         correct, exp = holdout.evaluate(model.predict)
         cand_acc = accuracy(correct)
         prod_acc, flips = None, math.nan
@@ -123,65 +150,80 @@ class Publisher:
             flips = negative_flip_rate(prod_correct, correct)
         promote, reason = gate_decision(cand_acc, prod_acc, self.policy.tolerance)
         row = accuracy_by_experience(correct, exp)
-        rows = dict(self.rows)
-        rows[experience] = row
+        matrix = self.finished.with_row(learner.experience, row)
         if finished:
-            self.rows[experience] = row
-        matrix = self.matrix(rows)
-        metrics = {
-            "holdout_accuracy": _finite(cand_acc),
-            "holdout_samples": len(correct),
-            "prequential_accuracy": _finite(trainer.prequential_accuracy),
-            "accuracy_matrix": {str(r): {str(c): round(v, 6) for c, v in cols.items()}
-                                for r, cols in sorted(rows.items())},
-            "average_accuracy": _finite(average_accuracy(matrix)),
-            "forgetting": _finite(forgetting(matrix)),
-            "backward_transfer": _finite(backward_transfer(matrix)),
-            "negative_flip_rate": _finite(flips),
-            "experience": experience,
-            "finished": finished,
-        }
-        gate = {"decision": "promoted" if promote else "rejected", "reason": reason,
-                "candidate": _finite(cand_acc),
-                "production": None if prod_acc is None else _finite(prod_acc),
-                "production_version": self.production_version,
-                "tolerance": self.policy.tolerance}
-        return Candidate(trigger, promote, reason, tensors, section, metrics, gate)
+            self.finished = matrix
+        metrics = Evaluation(
+            holdout_accuracy=_finite(cand_acc), holdout_samples=len(correct),
+            prequential_accuracy=_finite(learner.trainer.prequential_accuracy),
+            accuracy_matrix=matrix, average_accuracy=_finite(matrix.average_accuracy()),
+            forgetting=_finite(matrix.forgetting()),
+            backward_transfer=_finite(matrix.backward_transfer()),
+            negative_flip_rate=_finite(flips), experience=learner.experience, finished=finished)
+        gate = Gate(decision="promoted" if promote else "rejected", reason=reason,
+                    candidate=_finite(cand_acc),
+                    production=None if prod_acc is None else _finite(prod_acc),
+                    production_version=self.production_version,
+                    tolerance=self.policy.tolerance)
+        return Candidate(tensors, section, metrics, gate)
 
-    @staticmethod
-    def rebuild(trainer: OnlineTrainer, entry: Mapping[str, Any]) -> Candidate:
-        """The candidate a journaled ``publish`` entry judged, exported again from the replayed
-        trainer, with the entry's own verdict and metrics (nothing is re-evaluated)."""
-        tensors, section = export_model(trainer)
-        return Candidate(entry["trigger"], True, entry["gate"].get("reason", ""), tensors,
-                         section, dict(entry["metrics"]), dict(entry["gate"]))
+    # -- restoring ------------------------------------------------------------------------------
+    def restore(self, entry: Verdict) -> None:
+        """Take a journaled verdict (read during recovery) as if just decided: restart the
+        triggers at its position and time, keep a finished experience's accuracy row."""
+        self.mark(entry.position, entry.ts)
+        m = entry.metrics
+        if m.finished and m.experience in m.accuracy_matrix.rows:
+            self.finished = self.finished.with_row(m.experience,
+                                                   m.accuracy_matrix.rows[m.experience])
 
-    @staticmethod
-    def matrix(rows: dict[int, dict[int, float]]) -> list[list[float | None]]:
-        """Rows as :mod:`streamcl.metrics.continual`'s matrix (``None`` where undefined)."""
-        if not rows:
-            return []
-        order = sorted(rows)
-        cols = sorted({c for r in rows.values() for c in r} | set(order))
-        return [[rows[r].get(c) if c <= r else None for c in cols] for r in order]
+    def republish_if_missing(self, entry: Publish, learner: Learner, **fields: Any) -> bool:
+        """Recovery met a journaled publication: write it if the registry lacks it (a crash
+        between journal and registry), from ``learner`` as replayed to that entry, with the
+        entry's own verdict and metrics (nothing is re-evaluated). True if it had to."""
+        self.restore(entry)
+        if self.registry.exists(entry.version):
+            self.production_version = entry.version
+            return False
+        log.warning("v%d was journaled but not in the registry: publishing it now",
+                    entry.version)
+        tensors, section = export_model(learner.trainer)
+        self._candidate = (entry.version, Candidate(tensors, section, entry.metrics, entry.gate))
+        self.commit(entry, learner, **fields)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """The publisher's own state, for the snapshot (JSON)."""
+        return {"last_position": self.last_position, "last_time": self.last_time,
+                "finished": self.finished.to_json()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_position = int(state["last_position"])
+        self.last_time = float(state["last_time"])
+        self.finished = AccuracyMatrix.from_json(state["finished"])
 
     # -- publish ------------------------------------------------------------------------------
     def next_version(self) -> int:
         return (self.registry.latest() or 0) + 1
 
-    def commit(self, candidate: Candidate, version: int, trainer: OnlineTrainer,
-               **fields: Any) -> dict[str, Any]:
-        """Write ``version`` (already journaled), make it production, announce it."""
-        config = trainer.config.to_json()
+    def commit(self, entry: Publish, learner: Learner, **fields: Any) -> dict[str, Any]:
+        """Write the version ``entry`` journaled (acknowledged already), make it production,
+        announce it."""
+        if self._candidate is None or self._candidate[0] != entry.version:
+            raise RuntimeError(f"v{entry.version} was not judged by this publisher")
+        candidate = self._candidate[1]
+        self._candidate = None
+        config = learner.trainer.config.to_json()
         manifest = self.registry.publish(candidate.tensors, {
             "model": candidate.model, "strategy": config["strategy"],
             "params": config["params"], "config_hash": config_hash(config),
-            "trainer_config": config, "metrics": candidate.metrics, "gate": candidate.gate,
-            "trigger": candidate.trigger, **fields}, version=version, aliases=(PRODUCTION,))
+            "trainer_config": config, "metrics": candidate.metrics.to_json(),
+            "gate": candidate.gate.to_json(), "trigger": entry.trigger, **fields},
+            version=entry.version, aliases=(PRODUCTION,))
         self.production = InferenceModel(candidate.tensors, manifest)
-        self.production_version = version
+        self.production_version = entry.version
         if self.announcer is not None:
-            self.announcer.announce(announcement("publish", version, alias=PRODUCTION,
+            self.announcer.announce(announcement("publish", entry.version, alias=PRODUCTION,
                                                  registry=self.registry.url))
         return manifest
 

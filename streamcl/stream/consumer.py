@@ -3,8 +3,9 @@
 :class:`BatchConsumer` reads one topic in a consumer group with manual commits: the service
 journals a batch's offset ranges, learns from it, and only then commits, so a crash never skips
 a sample. Every message is decoded on arrival (:class:`~streamcl.stream.messages.Decoder`);
-those it cannot use go to the dead-letter topic (``<topic>.dlq``) with the original value bytes
-and headers plus the reason and source coordinates, and are counted by reason. They still count
+those it cannot use go to the dead-letter topic (``<topic>.dlq``,
+:class:`~streamcl.stream.dead_letter.DeadLetterWriter`) with the original value bytes and headers
+plus the reason and source coordinates, and are counted by reason. They still count
 in the batch's offset ranges, so committing the batch moves past them and
 :meth:`BatchConsumer.read_ranges` (journal replay) rebuilds exactly the same batch from the same
 ranges.
@@ -12,6 +13,10 @@ ranges.
 Within a batch, samples are ordered by (partition, offset): Kafka orders only within a
 partition, so that is the one order a replay can reproduce. A continual-learning stream whose
 order matters belongs in a single-partition topic.
+
+This module does not import torch (the prefetching consumer's process runs it, and torch takes
+about a second to import): batches are assembled as numpy arrays (:class:`ArrayBatch`), and
+:meth:`ArrayBatch.to_torch` makes the :class:`MicroBatch` the trainer gets, without copying.
 """
 
 from __future__ import annotations
@@ -23,24 +28,21 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 from kafka.structs import OffsetAndMetadata
 
-from streamcl.stream.broker import ensure_topics
+from streamcl.stream.dead_letter import DeadLetterError, DeadLetterWriter
 from streamcl.stream.messages import Decoder, Rejection, Sample
 
-H_REASON = "streamcl-reason"
-H_SOURCE_TOPIC = "streamcl-source-topic"
-H_SOURCE_PARTITION = "streamcl-source-partition"
-H_SOURCE_OFFSET = "streamcl-source-offset"
-H_NOTE = "streamcl-note"
-_DLQ_HEADERS = frozenset({H_REASON, H_SOURCE_TOPIC, H_SOURCE_PARTITION, H_SOURCE_OFFSET, H_NOTE})
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FETCH_DEFAULTS", "ArrayBatch", "BatchConsumer", "DeadLetterError", "MicroBatch",
+           "RangeReader", "assemble", "assemble_arrays"]
 
 #: Fetch settings for throughput: big fetches, many records per poll, a short broker wait so a
 #: partial batch is not held back by the fetch itself.
@@ -51,10 +53,6 @@ FETCH_DEFAULTS: dict[str, Any] = {
     "fetch_max_wait_ms": 100,
     "receive_buffer_bytes": 4 << 20,
 }
-
-
-class DeadLetterError(RuntimeError):
-    """A rejected message could not be written to the dead-letter topic (nothing committed)."""
 
 
 @dataclass
@@ -85,6 +83,32 @@ class MicroBatch:
         return {p: last + 1 for p, (_, last) in self.ranges.items()}
 
 
+@dataclass
+class ArrayBatch:
+    """A :class:`MicroBatch` as numpy arrays: ``x`` in the messages' element type, ``y`` and
+    ``task`` int64 (what the prefetching consumer's process, which has no torch, assembles and
+    ships; :meth:`to_torch` makes the MicroBatch in the process that trains)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    task: np.ndarray | None
+    ranges: dict[int, tuple[int, int]]
+    rejected: int
+    timestamp_ms: int | None
+    ids: list[str | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def to_torch(self) -> MicroBatch:
+        """The same batch as tensors sharing these arrays' memory (``torch.from_numpy``)."""
+        import torch  # here, not at the top: the consumer process never calls this
+
+        return MicroBatch(torch.from_numpy(self.x), torch.from_numpy(self.y),
+                          None if self.task is None else torch.from_numpy(self.task),
+                          self.ranges, self.rejected, self.timestamp_ms, self.ids)
+
+
 _Item = tuple[Any, Sample | Rejection]  # (ConsumerRecord, its decoding)
 _UNSET = object()
 
@@ -104,6 +128,9 @@ class BatchConsumer:
 
     Delivery is at least once: after a rebalance (or a restart) a partition is read again from
     its committed offset, so batches returned but not yet committed come again.
+
+    A :class:`~streamcl.stream.sources.BatchSource` and a
+    :class:`~streamcl.stream.sources.RangeSource`.
     """
 
     def __init__(self, bootstrap: str, topic: str, group_id: str, decoder: Decoder, *,
@@ -131,7 +158,9 @@ class BatchConsumer:
         #: join the group but fetch nothing until the first seek (a recovering service knows
         #: where to start only after its replay, and must not have its CPU taken meanwhile)
         self._hold = hold_until_seek
-        self._producer: KafkaProducer | None = None
+        #: where rejected messages go (its producer is made at the first one)
+        self.dead_letters = DeadLetterWriter(bootstrap, self.dlq_topic,
+                                             client_config=self.client_config)
         self._replay: RangeReader | None = None
         self._consumer = KafkaConsumer(**{
             **self._config, "bootstrap_servers": bootstrap, "group_id": group_id,
@@ -149,6 +178,12 @@ class BatchConsumer:
         gathered so far stay queued for the next call (the batch is not cut short: cuts stay
         a function of the data and ``max_wait_s``, not of who interrupted).
         """
+        batch = self.poll_arrays(max_records, max_wait_s, interrupt)
+        return None if batch is None else batch.to_torch()
+
+    def poll_arrays(self, max_records: int, max_wait_s: float,
+                    interrupt: threading.Event | None = None) -> ArrayBatch | None:
+        """:meth:`poll_batch`, the batch as numpy arrays (no torch needed)."""
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
         deadline = time.monotonic() + max_wait_s
@@ -189,8 +224,9 @@ class BatchConsumer:
             return None
         rejected = [(r, d) for r, d in items if isinstance(d, Rejection)]
         if rejected:
-            self._dead_letter(rejected)
-        return assemble(items, self.decoder)
+            self.rejections.update(d.code for _, d in rejected)
+            self.dead_letters.write(rejected)
+        return assemble_arrays(items, self.decoder)
 
     def commit(self, offsets: dict[int, int]) -> None:
         """Commit next-offsets (partition -> offset of the first record *not* yet handled)."""
@@ -276,57 +312,9 @@ class BatchConsumer:
         samples = [d for _, d in items if isinstance(d, Sample)]
         return len(samples), (self._key(samples[0]) if samples else _UNSET)
 
-    def _dead_letter(self, rejected: list[_Item]) -> None:
-        producer = self._dlq_producer()
-        sent = []
-        for record, rejection in rejected:
-            self.rejections[rejection.code] += 1
-            headers = [(k, v) for k, v in (record.headers or ()) if k not in _DLQ_HEADERS]
-            headers += [(H_REASON, rejection.reason.encode()),
-                        (H_SOURCE_TOPIC, record.topic.encode()),
-                        (H_SOURCE_PARTITION, b"%d" % record.partition),
-                        (H_SOURCE_OFFSET, b"%d" % record.offset)]
-            value = record.value
-            if value is None and record.key is None:  # a client cannot send null/null
-                value = b""
-                headers.append((H_NOTE, b"original value and key were null"))
-            sent.append((record, headers, self._send(producer, value, record.key, headers)))
-        producer.flush()
-        for record, headers, future in sent:
-            try:
-                try:
-                    future.get(timeout=30)
-                except (MessageSizeTooLargeError, RecordListTooLargeError):
-                    # keep reason and coordinates; the bytes stay readable in the source topic
-                    note = f"value dropped: {len(record.value)} bytes too large for the DLQ"
-                    self._send(producer, b"", record.key,
-                               [*headers, (H_NOTE, note.encode())]).get(timeout=30)
-            except KafkaError as exc:
-                raise DeadLetterError(f"dead letter for {record.topic}[{record.partition}]@"
-                                      f"{record.offset} not written: {exc}") from exc
-
-    def _send(self, producer: KafkaProducer, value: bytes | None, key: bytes | None,
-              headers: list[tuple[str, bytes]]) -> Any:
-        try:
-            return producer.send(self.dlq_topic, value=value, key=key, headers=headers)
-        except (MessageSizeTooLargeError, RecordListTooLargeError) as exc:
-            return _Failed(exc)
-
-    def _dlq_producer(self) -> KafkaProducer:
-        if self._producer is None:
-            # without the right to create topics here, the DLQ topic may be provisioned already
-            with contextlib.suppress(KafkaError):
-                ensure_topics(self.bootstrap, [self.dlq_topic], client_config=self.client_config)
-            self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all",
-                                           linger_ms=5, max_request_size=64 << 20,
-                                           **self.client_config)
-        return self._producer
-
     def close(self) -> None:
         """Leave the group without committing anything, and flush pending dead letters."""
-        if self._producer is not None:
-            self._producer.close()
-            self._producer = None
+        self.dead_letters.close()
         if self._replay is not None:
             self._replay.close()
             self._replay = None
@@ -342,6 +330,11 @@ class BatchConsumer:
 
 def assemble(items: list[_Item], decoder: Decoder) -> MicroBatch:
     """One MicroBatch from decoded records: samples in (partition, offset) order."""
+    return assemble_arrays(items, decoder).to_torch()
+
+
+def assemble_arrays(items: list[_Item], decoder: Decoder) -> ArrayBatch:
+    """:func:`assemble`, as numpy arrays."""
     by_partition: dict[int, list[_Item]] = {}
     for item in items:  # arrival order is offset order within a partition
         by_partition.setdefault(item[0].partition, []).append(item)
@@ -350,15 +343,15 @@ def assemble(items: list[_Item], decoder: Decoder) -> MicroBatch:
     ranges = {p: (its[0][0].offset, its[-1][0].offset) for p, its in by_partition.items()}
     samples = [d for _, d in items if type(d) is Sample]
     if samples:
-        x = torch.from_numpy(np.stack([s.x for s in samples]))
+        x = np.stack([s.x for s in samples])
     else:
-        x = torch.empty((0, *decoder.input_shape), dtype=torch.float32)
-    y = torch.tensor([s.y for s in samples], dtype=torch.long)
+        x = np.empty((0, *decoder.input_shape), dtype=np.float32)
+    y = np.array([s.y for s in samples], dtype=np.int64)
     tasks = [s.task for s in samples]
     task = (None if all(t is None for t in tasks) else
-            torch.tensor([-1 if t is None else t for t in tasks], dtype=torch.long))
+            np.array([-1 if t is None else t for t in tasks], dtype=np.int64))
     stamps = [r.timestamp for r, _ in items if r.timestamp is not None and r.timestamp >= 0]
-    return MicroBatch(x, y, task, ranges, len(items) - len(samples),
+    return ArrayBatch(x, y, task, ranges, len(items) - len(samples),
                       max(stamps) if stamps else None, [s.id for s in samples])
 
 
@@ -368,7 +361,7 @@ class RangeReader:
     Rejected messages are skipped again but not re-sent to the dead-letter topic (they were
     sent when first consumed). ``auto_offset_reset`` is ``none``: a range that retention
     already deleted raises kafka-python's ``OffsetOutOfRangeError`` instead of silently
-    reading something else.
+    reading something else. A :class:`~streamcl.stream.sources.RangeSource`.
     """
 
     def __init__(self, bootstrap: str, topic: str, decoder: Decoder, *,
@@ -385,6 +378,11 @@ class RangeReader:
                     timeout_s: float = 30.0) -> MicroBatch:
         """The batch of these (partition -> (first, last)) ranges, decoded as when consumed;
         ``TimeoutError`` if the records cannot all be read in time."""
+        return self.read_arrays(ranges, timeout_s).to_torch()
+
+    def read_arrays(self, ranges: dict[int, tuple[int, int]],
+                    timeout_s: float = 30.0) -> ArrayBatch:
+        """:meth:`read_ranges`, the batch as numpy arrays (no torch needed)."""
         consumer = self._consumer
         deadline = time.monotonic() + timeout_s
         decode = self.decoder.decode
@@ -408,7 +406,7 @@ class RangeReader:
                                         max_records=last - consumer.position(tp) + 1)
                 items.extend((r, decode(r.value, r.headers)) for r in records.get(tp, ())
                              if first <= r.offset <= last)
-        return assemble(items, self.decoder)
+        return assemble_arrays(items, self.decoder)
 
     def read_many(self, many: Iterable[dict[int, tuple[int, int]]],
                   timeout_s: float = 30.0) -> Iterator[MicroBatch]:
@@ -418,16 +416,6 @@ class RangeReader:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
-
-
-class _Failed:
-    """A send that failed before it left (kafka-python raised instead of returning a future)."""
-
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
-
-    def get(self, timeout: float | None = None) -> None:
-        raise self.exc
 
 
 class _Listener(ConsumerRebalanceListener):

@@ -1,110 +1,84 @@
 """The event journal: every decision of the learner, in order, on a single-partition topic.
 
-The learner is event-sourced. Each decision is appended to the journal *before* it takes
-effect, and its state is the latest snapshot (:mod:`streamcl.stream.snapshots`) plus a replay
-of the journal entries after it. **The journal is the source of truth: an entry that is in the
-journal happened, by definition.** A crash can therefore leave a ``batch`` entry journaled but
-not yet trained (or trained but its snapshot never written): recovery re-trains it, because it
-is part of the log. The converse cannot happen, since nothing acts on a decision before
-:meth:`Journal.append` returns, and ``append`` returns only once the broker has acknowledged
-the entry with ``acks="all"``.
+The learner is event-sourced. Its state is the latest snapshot (:mod:`streamcl.stream.snapshots`)
+plus a replay of the journal entries after it. **The journal is the source of truth: an entry
+that is in the journal happened, by definition.** An entry is one typed value of
+:mod:`streamcl.stream.entries` (``start``, ``batch``, ``snapshot``, ``publish``, ``reject``),
+stored as one JSON Kafka record on partition 0 of ``<name>.journal`` (:func:`journal_topic`),
+key ``str(seq)``; ``seq`` is 0, 1, 2, ... with no gaps (the position in the log).
 
-An entry is a JSON object with a ``type``, a ``seq`` (0, 1, 2, ... with no gaps: the position
-in the log) and a ``ts`` (wall-clock seconds when it was appended, informational). It is one
-Kafka record on partition 0 of ``<name>.journal`` (:func:`journal_topic`), key ``str(seq)``.
-The types and their fields (helpers build each one):
+**Write-behind.** :meth:`Journal.append` hands an entry to the producer and returns at once:
+training goes on while the broker acknowledges it (``acks=all``; idempotent, so the order is
+kept and a retry cannot write an entry twice). What a crash can lose is therefore only entries
+not yet acknowledged, and the in-memory training after them, which recovery redoes from the log
+(for a batch the log does not hold, the input is simply read again). The other direction must
+never happen: nothing outside the process may depend on an entry the log might not hold. So
+every effect seen outside (a snapshot, a registry publication, an announcement, a consumer-group
+commit) first calls :meth:`Journal.sync`, which returns only once every entry appended so far is
+acknowledged. That ordering is written once, in :class:`streamcl.learner.Effects`.
 
-* ``start`` (:func:`start_entry`): a trainer process started: ``config_hash``, ``pid``,
-  ``host``, and anything else the caller adds;
-* ``batch`` (:func:`batch_entry`): learn from a micro-batch: ``ranges`` ``{"partition": [first,
-  last]}`` (inclusive offsets of the input topic, JSON object keys are strings; read them back
-  with :func:`ranges_from_json`), ``plan`` (:meth:`streamcl.trainer.Plan.to_json`),
-  ``samples`` and ``rejected`` (counts);
-* ``snapshot`` (:func:`snapshot_entry`): a snapshot was committed: ``path``, ``sha256``,
-  ``covers_seq`` (the last seq whose effects it includes) and ``offsets`` (next input offsets
-  per partition, :func:`offsets_from_json`);
-* ``publish``: a model version was published (written *before* the registry is): ``version``,
-  ``position`` (samples trained), ``trigger``, ``metrics`` (holdout accuracy, accuracy matrix,
-  forgetting, ...), ``gate`` (the verdict); the state it publishes is the one after every
-  ``batch`` entry before it, so replaying to it rebuilds the published weights;
-* ``reject``: the quality gate refused a candidate: ``position``, ``trigger``, ``reason``,
-  ``metrics``, ``gate``.
+**One writer, fenced by Kafka.** A writing journal is a transactional producer whose
+``transactional.id`` is the learner's (:func:`writer_id`). Opening one makes the broker bump
+that id's producer epoch *before* the new writer reads where the log ends, so an older instance
+with the same name is fenced: its next append comes back ``PRODUCER_FENCED``, its next
+:meth:`~Journal.sync` raises :class:`JournalFenced`, and since every outside effect waits for a
+sync, it writes nothing more anywhere. Transactions are used for that fence only, not for
+visibility: readers read every record (``read_uncommitted``), because tansu does not hide
+uncommitted records from ``read_committed`` readers (measured) and every reader must see the
+same log. The open transaction is committed at each sync (and at least every
+``commit_every_s``) so that a real Kafka broker never times it out.
 
 Recovery: take the newest valid snapshot (its ``covers_seq`` = *S*), then
-``journal.read(from_seq=S + 1)`` and re-apply every ``batch`` entry in order, rebuilding each
-batch from its offset ranges (:meth:`~streamcl.stream.consumer.BatchConsumer.read_ranges`) and
-training with the journaled plan; then continue the live stream at the offsets after the last
-batch (:meth:`~streamcl.stream.consumer.BatchConsumer.seek`). A snapshot whose ``covers_seq`` is
-beyond the journal's last entry means the journal was lost (the embedded broker keeps topics in
-memory only): it must not be resumed silently. Readers skip entry types they do not know.
-
-**One writer per journal.** :class:`Journal` numbers entries from its own counter, recovered
-on construction from the last entry, so a restarted process continues the numbering; two live
-writers would interleave duplicate numbers (fencing them is the service's job). A retried
-duplicate of an entry (same ``seq``, which an idempotent producer prevents anyway) is skipped
-by :meth:`Journal.read`; a gap in the numbering raises :class:`JournalError`. After a failed
-append the entry may or may not be in the log, so the instance refuses further appends: reopen
-the journal (which reads where the log really ends) and recover from it.
+``journal.read(from_seq=S + 1)`` and re-apply every entry (:func:`streamcl.learner.rebuild`).
+A snapshot whose ``covers_seq`` is beyond the journal's last entry means the journal was lost:
+it must not be resumed silently. Readers skip entry types they do not know
+(:class:`~streamcl.stream.entries.Unknown`); a retried duplicate of an entry (same ``seq``) is
+skipped by :meth:`Journal.read`; a gap in the numbering raises :class:`JournalError`. After a
+failed append the writer refuses further appends: reopen the journal (which reads where the log
+really ends) and recover from it.
 
 **Finding the end of the log.** ``KafkaConsumer.end_offsets`` (ListOffsets "latest") is not
 the high watermark on tansu 0.6: it returns the base offset of the last record *batch* plus one
-(:mod:`streamcl.stream.broker`), so a batch of *n* records looks like one. It is still a lower
-bound of the high watermark on every broker, and the high watermark that the broker sends in
-every *fetch* response is right on tansu too (checked by the tests). So a read seeks, fetches,
-and reads until its position reaches the high watermark of its first fetch response (at least
-the ListOffsets answer): the end as it was when the read began, entries appended meanwhile are
-not waited for. Nothing depends on a poll coming back empty for a while, which would confuse a
-slow broker with the end of the log. Independently, :meth:`Journal.append` sends each entry as
-its own record batch (``linger_ms=0``, flushed, acknowledged before the next one), so for a
-journal written only by this class ListOffsets is exact even on tansu.
+(:mod:`streamcl.stream.broker`). It is still a lower bound of the high watermark on every broker,
+and the high watermark that the broker sends in every *fetch* response is right on tansu too
+(checked by the tests). So a read seeks, fetches, and reads until its position reaches the high
+watermark of its first fetch response: the end as it was when the read began.
 
-Offsets: entry *k* sits at offset >= *k* (offsets only grow, and a duplicate can only push later
-entries further), so ``read(from_seq=k)`` seeks straight to offset *k* and reads forward to
-entry *k*; replay after a snapshot does not read the whole log. The journal topic must keep its
-records (on a real cluster: ``retention.ms=-1``, no compaction); a deleted range is an error,
-never silently skipped.
-
-Idempotence: the producer runs with kafka-python's ``enable_idempotence=True`` (with
-``acks="all"``), which tansu supports: a producer retry after a lost acknowledgement cannot
-write an entry twice.
+Offsets: entry *k* sits at offset >= *k* (offsets only grow; duplicates and transaction markers
+only push later entries further), so ``read(from_seq=k)`` seeks straight to offset *k* and reads
+forward to entry *k*. The journal topic must keep its records (on a real cluster:
+``retention.ms=-1``, no compaction); a deleted range is an error, never silently skipped.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
-import os
-import socket
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, TypeVar
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
 from streamcl.stream.broker import ensure_topics
+from streamcl.stream.entries import Entry, EntryError, entry_from_json
 
 log = logging.getLogger(__name__)
 
-#: Entry types this version writes, with the fields each must carry.
-TYPES: dict[str, tuple[str, ...]] = {
-    "start": ("config_hash", "pid", "host"),
-    "batch": ("ranges", "plan", "samples", "rejected"),
-    "snapshot": ("path", "sha256", "covers_seq", "offsets"),
-    "publish": ("version", "position", "trigger", "metrics", "gate"),
-    "reject": ("position", "trigger", "reason", "metrics", "gate"),
-}
-
 _PARTITION = 0
-_GRACE_S = 5.0  # how long past its delivery timeout an append waits for the producer's verdict
+E = TypeVar("E", bound=Entry)
 
 
 class JournalError(RuntimeError):
     """The journal cannot be read or written as the log it must be (the message says why)."""
+
+
+class JournalFenced(JournalError):
+    """Another instance of the same learner opened the journal for writing: this one must stop
+    and write nothing more (the message says so in one line)."""
 
 
 def journal_topic(name: str) -> str:
@@ -116,162 +90,83 @@ def journal_topic(name: str) -> str:
     return f"{name}.journal"
 
 
-# -- entry helpers --------------------------------------------------------------------------------
-def config_hash(config: Mapping[str, Any]) -> str:
-    """SHA-256 of a configuration's canonical JSON (e.g. ``TrainerConfig.to_json()``).
+def writer_id(name: str) -> str:
+    """The ``transactional.id`` of learner ``name``'s journal writer (one per learner).
 
-    >>> config_hash({"b": 1, "a": [2]}) == config_hash({"a": [2], "b": 1})
-    True
+    >>> writer_id("digits")
+    'streamcl.digits'
     """
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return f"streamcl.{name}"
 
 
-def start_entry(config: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    """A ``start`` entry for this process: config hash, pid and host (plus ``extra`` fields)."""
-    return {"type": "start", "config_hash": config_hash(config), "pid": os.getpid(),
-            "host": socket.gethostname(), **extra}
-
-
-def batch_entry(ranges: Mapping[int, tuple[int, int]], plan: Mapping[str, Any], samples: int,
-                rejected: int = 0, **extra: Any) -> dict[str, Any]:
-    """A ``batch`` entry: a micro-batch's offset ranges and the trainer's plan for it.
-
-    ``plan`` is ``Plan.to_json()``; ``ranges`` is ``MicroBatch.ranges``.
-
-    >>> batch_entry({0: (10, 41)}, {"position": 0}, samples=31, rejected=1)["ranges"]
-    {'0': [10, 41]}
-    """
-    return {"type": "batch", "ranges": ranges_to_json(ranges), "plan": dict(plan),
-            "samples": int(samples), "rejected": int(rejected), **extra}
-
-
-def snapshot_entry(path: str | os.PathLike[str], sha256: str, covers_seq: int,
-                   offsets: Mapping[int, int], **extra: Any) -> dict[str, Any]:
-    """A ``snapshot`` entry (``offsets``: the next input offset per partition)."""
-    return {"type": "snapshot", "path": os.fspath(path), "sha256": sha256,
-            "covers_seq": int(covers_seq), "offsets": offsets_to_json(offsets), **extra}
-
-
-def ranges_to_json(ranges: Mapping[int, tuple[int, int]]) -> dict[str, list[int]]:
-    return {str(int(p)): [int(first), int(last)] for p, (first, last) in sorted(ranges.items())}
-
-
-def ranges_from_json(data: Mapping[str, Any]) -> dict[int, tuple[int, int]]:
-    """``{"0": [10, 41]}`` -> ``{0: (10, 41)}`` (what ``BatchConsumer.read_ranges`` takes).
-
-    >>> ranges_from_json({"1": [5, 9], "0": [10, 41]})
-    {0: (10, 41), 1: (5, 9)}
-    """
-    return {int(p): (int(first), int(last)) for p, (first, last) in
-            sorted(data.items(), key=lambda kv: int(kv[0]))}
-
-
-def offsets_to_json(offsets: Mapping[int, int]) -> dict[str, int]:
-    return {str(int(p)): int(o) for p, o in sorted(offsets.items())}
-
-
-def offsets_from_json(data: Mapping[str, Any]) -> dict[int, int]:
-    """``{"0": 42}`` -> ``{0: 42}`` (what ``BatchConsumer.seek`` and ``commit`` take)."""
-    return {int(p): int(o) for p, o in sorted(data.items(), key=lambda kv: int(kv[0]))}
-
-
-def _check(entry: Mapping[str, Any]) -> None:
-    kind = entry.get("type")
-    if not isinstance(kind, str) or not kind:
-        raise ValueError(f"a journal entry needs a non-empty str 'type', got {kind!r}")
-    missing = [f for f in TYPES.get(kind, ()) if f not in entry]
-    if missing:
-        raise ValueError(f"a {kind!r} entry needs {', '.join(missing)}")
-
-
-# -- the journal ----------------------------------------------------------------------------------
 class Journal:
-    """Append-only, numbered log of decisions on ``topic`` (a single-partition Kafka topic).
+    """The numbered log of decisions on ``topic`` (a single-partition Kafka topic).
 
-    The topic is created with one partition when missing; an existing topic with more than one
-    partition is refused (the log's order would be lost). On construction the journal reads its
-    last entry, so :attr:`next_seq` continues the numbering of an earlier process.
-    ``client_config`` holds security settings (:func:`~streamcl.stream.broker.kafka_config`);
-    ``timeout_s`` bounds each broker round trip (an append's acknowledgement, a read).
+    Read-only unless ``writer`` (a :func:`writer_id`) is given. A writing journal creates the
+    topic with one partition when missing (an existing topic with more than one is refused: the
+    log's order would be lost), fences any older writer with the same id, then reads its last
+    entry so that :attr:`next_seq` continues the numbering. ``client_config`` holds security
+    settings (:func:`~streamcl.stream.broker.kafka_config`); ``timeout_s`` bounds each broker
+    round trip (a sync, a read).
     """
 
     def __init__(self, bootstrap: str, topic: str, client_config: dict[str, Any] | None = None,
-                 *, timeout_s: float = 30.0, create: bool = True,
-                 producer: Literal["auto", "kafka-python", "confluent"] = "auto") -> None:
+                 *, timeout_s: float = 30.0, create: bool = True, writer: str | None = None,
+                 commit_every_s: float = 10.0) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.client_config = dict(client_config or {})
         self.timeout_s = timeout_s
         self._tp = TopicPartition(topic, _PARTITION)
-        self._producer: KafkaProducer | _ConfluentSender | None = None
-        self._broken: str | None = None
-        if create:
+        self._writer: _Writer | None = None
+        if create and writer is not None:
             # without the right to create topics, it may be provisioned already
             with contextlib.suppress(KafkaError):
                 ensure_topics(bootstrap, [topic], partitions=1,
                               client_config=self.client_config, timeout_s=timeout_s)
         self._check_partitions()
+        if writer is not None:  # the fence comes first: the tail read after it is final
+            self._writer = _Writer(bootstrap, topic, writer, self.client_config, timeout_s,
+                                   commit_every_s)
         last = self._tail()
         #: the entry with the highest seq when this instance was made or last appended
-        self.last_entry: dict[str, Any] | None = last
+        self.last_entry: Entry | None = last
         #: the seq the next :meth:`append` gets
-        self.next_seq: int = 0 if last is None else last["seq"] + 1
-        if producer == "confluent" or (producer == "auto" and _ConfluentSender.available()):
-            self._producer = _ConfluentSender(bootstrap, topic, self.client_config, timeout_s)
-        else:
-            self._producer = KafkaProducer(
-                bootstrap_servers=bootstrap, acks="all", enable_idempotence=True, linger_ms=0,
-                # the producer itself gives up on an entry after timeout_s (retrying until
-                # then), so a failed append leaves nothing in flight behind it
-                retries=2**31 - 1, request_timeout_ms=max(100, int(timeout_s * 500)),
-                delivery_timeout_ms=max(200, int(timeout_s * 1000)), **self.client_config)
+        self.next_seq: int = 0 if last is None else last.seq + 1
 
     # -- writing ----------------------------------------------------------------------------
-    def append(self, entry: Mapping[str, Any]) -> int:
-        """Write ``entry`` as the next numbered entry; return its seq once it is durable.
+    def append(self, entry: E) -> E:
+        """Send ``entry`` as the next numbered entry and return it numbered (``seq``, ``ts``);
+        does not wait for the broker (see :meth:`sync`).
 
-        Sets ``seq`` (and ``ts`` unless given); ``entry`` itself is not modified. The entry is
-        sent as its own record batch and this waits for the broker's acknowledgement
-        (``acks="all"``), so the caller may act on the decision as soon as this returns. An
-        entry that is not JSON-serialisable (NaN included) raises ``ValueError``/``TypeError``
-        without using up a seq; a failed send raises :class:`JournalError` and leaves the
-        instance refusing appends (the entry's fate is unknown until the log is read again).
+        An entry that is not JSON-serialisable (NaN included) raises ``ValueError`` without
+        using up a seq. A failure reported for an earlier append raises :class:`JournalError`
+        (:class:`JournalFenced` when another writer took over) and the writer refuses further
+        appends.
         """
-        if self._producer is None:
-            raise JournalError("the journal is closed")
-        if self._broken is not None:
-            raise JournalError(f"{self.topic}: an earlier append failed ({self._broken}); "
-                               "reopen the journal and recover from what it holds")
-        _check(entry)
-        if "seq" in entry and entry["seq"] != self.next_seq:
-            raise ValueError(f"entry has seq {entry['seq']!r}, the journal's next is "
-                             f"{self.next_seq}")
-        seq = self.next_seq
-        record = {**entry, "seq": seq}
-        record.setdefault("ts", time.time())
-        value = json.dumps(record, separators=(",", ":"), allow_nan=False).encode()
-        try:
-            future = self._producer.send(self.topic, value=value, key=str(seq).encode(),
-                                         partition=_PARTITION)
-            self._producer.flush(timeout=self.timeout_s + _GRACE_S)
-            metadata = future.get(timeout=_GRACE_S)
-        except Exception as exc:
-            text = str(exc)  # kafka-python's errors already start with their class name
-            self._broken = text if text.startswith(type(exc).__name__) else \
-                f"{type(exc).__name__}: {text}"
-            raise JournalError(f"{self.topic}: entry {seq} not acknowledged: "
-                               f"{self._broken}") from exc
-        if metadata.offset < seq:  # entry k can only sit at offset >= k (see the docstring)
-            self._broken = f"entry {seq} landed at offset {metadata.offset}"
-            raise JournalError(f"{self.topic}: {self._broken}: the topic holds records that "
-                               "are not this journal's")
-        self.next_seq = seq + 1
-        self.last_entry = record
-        return seq
+        if self._writer is None:
+            raise JournalError(f"{self.topic}: opened read-only (no writer id)")
+        numbered = entry.numbered(self.next_seq, time.time())
+        value = json.dumps(numbered.to_json(), separators=(",", ":"), allow_nan=False).encode()
+        self._writer.send(numbered.seq, value)
+        self.next_seq = numbered.seq + 1
+        self.last_entry = numbered
+        return numbered
+
+    def sync(self) -> int:
+        """Wait until every appended entry is acknowledged; return the last such seq (-1:
+        none). Raises :class:`JournalFenced` or :class:`JournalError` instead."""
+        if self._writer is not None:
+            self._writer.sync()
+        return self.next_seq - 1
+
+    @property
+    def unacknowledged(self) -> int:
+        """Entries appended whose acknowledgement has not come back yet."""
+        return 0 if self._writer is None else self._writer.pending
 
     # -- reading ----------------------------------------------------------------------------
-    def read(self, from_seq: int = 0, to_seq: int | None = None) -> Iterator[dict[str, Any]]:
+    def read(self, from_seq: int = 0, to_seq: int | None = None) -> Iterator[Entry]:
         """Entries ``from_seq`` .. ``to_seq`` (inclusive; ``None``: to the end), in order.
 
         The end is where the log ended when the read began. Raises :class:`JournalError` on a
@@ -285,46 +180,36 @@ class Journal:
         with self._reader() as reader:
             expect = from_seq
             for offset, entry in reader.entries(from_seq):
-                seq = entry["seq"]
-                if seq < expect:
-                    if seq >= from_seq:
+                if entry.seq < expect:
+                    if entry.seq >= from_seq:
                         log.warning("%s: duplicate of entry %d at offset %d skipped",
-                                    self.topic, seq, offset)
+                                    self.topic, entry.seq, offset)
                     continue
-                if seq > expect:
+                if entry.seq > expect:
                     raise JournalError(f"{self.topic}: entry {expect} is missing (offset "
-                                       f"{offset} holds entry {seq})")
+                                       f"{offset} holds entry {entry.seq})")
                 yield entry
                 expect += 1
                 if to_seq is not None and expect > to_seq:
                     return
 
-    def last(self, type: str | None = None) -> dict[str, Any] | None:
-        """The newest entry (of ``type``, if given), or ``None``; reads the log's tail."""
-        if type is None:
-            return self._tail()
+    def last(self, kind: type[E] | None = None) -> E | Entry | None:
+        """The newest entry (of type ``kind``, if given), or ``None``; reads back from the
+        log's tail in growing windows."""
         with self._reader() as reader:
             hi = reader.end()
-            window = 64
+            window = 16
             while hi > reader.start:
                 lo = max(reader.start, hi - window)
-                found = [e for _, e in reader.entries(lo, stop=hi) if e["type"] == type]
+                found = [e for _, e in reader.entries(lo, stop=hi)
+                         if kind is None or isinstance(e, kind)]
                 if found:
-                    return max(found, key=lambda e: e["seq"])
+                    return max(found, key=lambda e: e.seq)
                 hi, window = lo, window * 4
         return None
 
-    def _tail(self) -> dict[str, Any] | None:
-        """The entry with the highest seq, reading only the last record batch."""
-        with self._reader() as reader:
-            if reader.end() <= reader.start:
-                return None
-            # under tansu lower_end - 1 is the first offset of the last record batch, elsewhere
-            # the last record: either way the read from there covers the whole tail
-            entries = [e for _, e in reader.entries(reader.lower_end - 1)]
-        if not entries:
-            raise JournalError(f"{self.topic}: the log is not empty but its tail holds no entry")
-        return max(entries, key=lambda e: e["seq"])
+    def _tail(self) -> Entry | None:
+        return self.last()
 
     def _reader(self) -> _Reader:
         return _Reader(self)
@@ -348,11 +233,10 @@ class Journal:
 
     # -- lifetime -----------------------------------------------------------------------------
     def close(self) -> None:
-        if self._producer is not None:
-            producer, self._producer = self._producer, None
-            # after a failed append an expired entry may still count as pending: nothing to wait
-            with contextlib.suppress(KafkaError):
-                producer.close(timeout=0 if self._broken else self.timeout_s)
+        """Sync what can be synced (a clean stop loses nothing), then close the writer."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
 
     def __enter__(self) -> Journal:
         return self
@@ -362,14 +246,13 @@ class Journal:
         self.close()
 
 
-class _ConfluentSender:
-    """The journal's appends through librdkafka (``confluent-kafka``), when it is installed.
+class _Writer:
+    """The journal's transactional, idempotent librdkafka producer (``confluent-kafka``).
 
-    Why: an acked append is on the critical path of every step. kafka-python sends from a
-    Python thread, which competes with training for the interpreter lock (measured here: 0.7 ms
-    per acked append to tansu, and the training step itself slowed); librdkafka's threads are
-    C (0.26 ms, no lock). Same guarantees: ``acks=all``, idempotent, one record per append,
-    retried until ``timeout_s``. Offers the slice of ``KafkaProducer`` that ``append`` uses.
+    Why librdkafka: its sender threads are C, so acknowledgements arrive without competing with
+    training for the interpreter lock (kafka-python's Python sender thread slowed the training
+    step measurably). Delivery reports are collected by callbacks; :meth:`sync` flushes them all
+    and commits the open transaction.
     """
 
     _KEYS: ClassVar[dict[str, str]] = {
@@ -378,62 +261,134 @@ class _ConfluentSender:
         "sasl_mechanism": "sasl.mechanism", "sasl_plain_username": "sasl.username",
         "sasl_plain_password": "sasl.password"}
 
-    @staticmethod
-    def available() -> bool:
-        import importlib.util
-
-        return importlib.util.find_spec("confluent_kafka") is not None
-
-    def __init__(self, bootstrap: str, topic: str, client_config: dict[str, Any],
-                 timeout_s: float) -> None:
+    def __init__(self, bootstrap: str, topic: str, transactional_id: str,
+                 client_config: dict[str, Any], timeout_s: float, commit_every_s: float) -> None:
         import confluent_kafka
 
-        conf = {"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
-                "linger.ms": 0, "message.timeout.ms": max(200, int(timeout_s * 1000)),
-                "log.connection.close": False}
+        conf = {"bootstrap.servers": bootstrap, "transactional.id": transactional_id,
+                "acks": "all", "enable.idempotence": True, "linger.ms": 0,
+                "transaction.timeout.ms": 60_000,
+                "message.timeout.ms": max(200, min(60_000, int(timeout_s * 1000))),
+                "log.connection.close": False, "error_cb": self._error}
         for key, value in client_config.items():
             if key not in self._KEYS:
                 raise ValueError(f"journal: no librdkafka equivalent for client setting {key}")
             secret = getattr(value, "get_secret_value", None)
             conf[self._KEYS[key]] = secret() if secret else value
         self._kafka = confluent_kafka
+        self.topic, self.id, self.timeout_s = topic, transactional_id, timeout_s
+        self.commit_every_s = commit_every_s
         self._producer = confluent_kafka.Producer(conf)
-        self.topic = topic
+        self._failed: str | None = None    # the first failure, once one happened
+        self._reports: list[tuple[int | None, Any, Any]] = []  # (seq, error, message)
+        self._fenced = False
+        self._txn_since: float | None = None  # when the open transaction began
+        self.pending = 0
+        try:
+            self._producer.init_transactions(timeout_s)
+        except confluent_kafka.KafkaException as exc:
+            raise JournalError(f"{topic}: cannot open the journal for writing as {self.id!r}: "
+                               f"{exc.args[0].str()}") from None
 
-    def send(self, topic: str, *, value: bytes, key: bytes, partition: int) -> _Delivered:
-        done: list[tuple[Any, Any]] = []
-        self._producer.produce(topic, value, key, partition=partition,
-                               on_delivery=lambda err, msg: done.append((err, msg)))
-        return _Delivered(self._producer, done)
+    def send(self, seq: int, value: bytes) -> None:
+        self._check()
+        if self._txn_since is None:
+            self._call(self._producer.begin_transaction)
+            self._txn_since = time.monotonic()
+        self.pending += 1
+        try:
+            self._producer.produce(self.topic, value, str(seq).encode(), partition=_PARTITION,
+                                   on_delivery=lambda err, msg: self._delivered(seq, err, msg))
+        except self._kafka.KafkaException as exc:
+            self.pending -= 1
+            self._refused(exc)
+        self._producer.poll(0)  # serve delivery reports that are in
+        self._check()
+        if time.monotonic() - self._txn_since >= self.commit_every_s:
+            self.sync()
 
-    def flush(self, timeout: float) -> None:
-        self._producer.flush(timeout)
+    def _delivered(self, seq: int, err: Any, msg: Any) -> None:
+        """librdkafka's delivery report. Only stored here: the binding may call it with a
+        Python exception pending (after a fatal error), when even ``err.code()`` fails; it
+        is read by :meth:`_check`, outside the callback."""
+        self.pending -= 1
+        self._reports.append((seq, err, msg))
 
-    def close(self, timeout: float = 0) -> None:
-        self._producer.flush(timeout)
+    def _error(self, err: Any) -> None:
+        """librdkafka's error callback (stored, like a delivery report): a fatal error (being
+        fenced is one) ends the writer; the others are transient and retried by librdkafka."""
+        self._reports.append((None, err, None))
 
+    def _fail(self, err: Any, seq: int | None = None) -> None:
+        fenced = err.code() in (self._kafka.KafkaError._FENCED,
+                                self._kafka.KafkaError.PRODUCER_FENCED,
+                                self._kafka.KafkaError.INVALID_PRODUCER_EPOCH)
+        self._fenced = self._fenced or fenced
+        if self._failed is None:
+            where = "" if seq is None else f"entry {seq} "
+            self._failed = f"{where}not acknowledged: {err.name()}: {err.str()}"
 
-class _Delivered:
-    """A confluent-kafka delivery, read like kafka-python's future (``get`` -> metadata)."""
+    def _read_reports(self) -> None:
+        while self._reports:
+            seq, err, msg = self._reports.pop(0)
+            if err is not None:
+                if seq is not None or err.fatal():
+                    self._fail(err, seq)
+                continue
+            offset = msg.offset()
+            if offset is not None and offset < seq and self._failed is None:
+                # entry k can only sit at offset >= k (see the module docstring)
+                self._failed = (f"entry {seq} landed at offset {offset}: the topic holds "
+                                "records that are not this journal's")
 
-    def __init__(self, producer: Any, done: list[tuple[Any, Any]]) -> None:
-        self._producer, self._done = producer, done
+    def _check(self) -> None:
+        self._read_reports()
+        if self._fenced:
+            raise JournalFenced(f"{self.topic}: another instance opened this journal as "
+                                f"{self.id!r} (same learner name); this one stops and writes "
+                                "nothing more")
+        if self._failed is not None:
+            raise JournalError(f"{self.topic}: {self._failed}; reopen the journal and recover "
+                               "from what it holds")
 
-    def get(self, timeout: float) -> Any:
-        deadline = time.monotonic() + timeout
-        while not self._done and time.monotonic() < deadline:
-            self._producer.poll(max(0.0, deadline - time.monotonic()))
-        if not self._done:
-            raise KafkaTimeoutError("journal append: no delivery report in time")
-        err, msg = self._done[0]
-        if err is not None:
-            raise KafkaError(f"KafkaError: {err.str()}")
-        return _Metadata(msg.offset())
+    def _call(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except self._kafka.KafkaException as exc:
+            self._refused(exc)
 
+    def _refused(self, exc: Any) -> None:
+        """The producer refused a call. After a fatal error it answers only "erroneous
+        state": collect the reports first, which say why (being fenced, say)."""
+        with contextlib.suppress(Exception):
+            self._producer.poll(0)
+        self._read_reports()
+        self._fail(exc.args[0])
+        self._check()
 
-@dataclass(frozen=True)
-class _Metadata:
-    offset: int
+    def sync(self) -> None:
+        self._check()
+        try:
+            left = self._producer.flush(self.timeout_s)
+        except (self._kafka.KafkaException, SystemError) as exc:
+            # after a fatal error (fenced) flush raises, or fails inside the binding: the
+            # error callback has recorded why
+            if isinstance(exc, self._kafka.KafkaException):
+                self._reports.append((None, exc.args[0], None))
+            self._read_reports()
+            self._failed = self._failed or f"flush failed: {exc!r}"
+        self._check()
+        if left:
+            self._failed = f"{left} entries not acknowledged within {self.timeout_s:g} s"
+            self._check()
+        if self._txn_since is not None:
+            self._call(self._producer.commit_transaction, self.timeout_s)
+            self._txn_since = None
+
+    def close(self) -> None:
+        if self._failed is None and not self._fenced:
+            with contextlib.suppress(JournalError):
+                self.sync()
 
 
 class _Reader:
@@ -457,7 +412,7 @@ class _Reader:
             self.start = self.consumer.beginning_offsets([self.tp], timeout_ms)[self.tp]
             self.lower_end = self.consumer.end_offsets([self.tp], timeout_ms)[self.tp]
         except BaseException:
-            self.consumer.close()
+            self.consumer.close(autocommit=False, timeout_ms=2000)
             raise
         self._end: int | None = None
 
@@ -465,7 +420,7 @@ class _Reader:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.consumer.close()
+        self.consumer.close(autocommit=False, timeout_ms=2000)
 
     def _deadline(self) -> float:
         return time.monotonic() + self.journal.timeout_s
@@ -494,7 +449,7 @@ class _Reader:
             return stop
         return self._end if stop is None else min(stop, self._end)
 
-    def entries(self, offset: int, stop: int | None = None) -> Iterator[tuple[int, dict]]:
+    def entries(self, offset: int, stop: int | None = None) -> Iterator[tuple[int, Entry]]:
         """(offset, entry) from ``offset`` up to ``stop`` or the end (exclusive), in order."""
         # never seek past the end: that is an out-of-range error, not an empty read
         top = max(self.lower_end, self._end or 0, self.start)
@@ -520,7 +475,7 @@ class _Reader:
                     return
                 yield record.offset, self._decode(record)
 
-    def _decode(self, record: Any) -> dict[str, Any]:
+    def _decode(self, record: Any) -> Entry:
         where = f"{self.tp.topic}@{record.offset}"
         try:
             entry = json.loads(record.value)
@@ -533,4 +488,7 @@ class _Reader:
             raise JournalError(f"{where}: entry without a valid seq ({seq!r})")
         if not isinstance(kind, str):
             raise JournalError(f"{where}: entry {seq} without a type")
-        return entry
+        try:
+            return entry_from_json(entry)
+        except EntryError as exc:
+            raise JournalError(f"{where}: {exc}") from None

@@ -8,11 +8,17 @@ current one.
 
 The child runs an ordinary :class:`BatchConsumer` (same group, same dead-letter topic, same
 batch cutting) and streams each batch to the parent over its stdout as one frame: a JSON header
-(ranges, labels, tasks, ids, rejection codes, lag) and the raw bytes of ``x`` — no pickle. The
-pipe is the bounded prefetch queue: when it is full the child waits (its group heartbeats run
-in kafka-python's own thread). Commands go the other way on stdin as JSON lines: ``seek``,
-``seek_to_beginning``, ``commit``, ``close``. A seek starts a new *epoch*; frames of an older
-epoch (batches cut before the seek took effect) are dropped by the parent.
+(ranges, ids, shapes, rejection codes, lag) and the raw bytes of the labels, tasks and ``x``
+arrays — no pickle. The pipe is the bounded prefetch queue: when it is full the child waits (its
+group heartbeats run in kafka-python's own thread). Commands go the other way on stdin as JSON
+lines, one handler each (:data:`_COMMANDS`): ``seek``, ``seek_to_beginning``, ``read``,
+``commit``, ``close``. A seek starts a new *epoch*; frames of an older epoch (batches cut before
+the seek took effect) are dropped by the parent.
+
+The child never imports torch (about a second of start-up, and memory, for nothing: it only
+decodes and copies bytes). It assembles numpy batches
+(:class:`~streamcl.stream.consumer.ArrayBatch`); the parent makes the tensors, sharing the
+frame's memory.
 
 If the parent dies (``kill -9``), the child reads end-of-file on stdin, or a broken pipe on
 stdout, and exits without committing anything: the journal stays the only truth.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import select
@@ -35,14 +42,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 import numpy as np
-import torch
 
-from streamcl.stream.consumer import BatchConsumer, MicroBatch, RangeReader
+from streamcl.stream.consumer import ArrayBatch, BatchConsumer, MicroBatch, RangeReader
 from streamcl.stream.messages import Decoder
 
 _FRAME = struct.Struct("<II")  # header length, payload length
@@ -57,7 +64,9 @@ class ConsumerProcessError(RuntimeError):
 class PrefetchingConsumer:
     """The interface of :class:`BatchConsumer` (``poll_batch``, ``seek``,
     ``seek_to_beginning``, ``commit``, ``read_ranges``, ``rejections``, ``lag``, ``close``),
-    with consumption running one process ahead.
+    with consumption running one process ahead: a
+    :class:`~streamcl.stream.sources.BatchSource` and a
+    :class:`~streamcl.stream.sources.RangeSource`.
 
     ``batch_size`` and ``max_wait_s`` are fixed at start (the child cuts batches before they are
     asked for); ``poll_batch`` must be called with the same ``max_records``. With
@@ -114,7 +123,7 @@ class PrefetchingConsumer:
                 continue  # cut before the last seek took effect
             self.rejections.update(header["rejected_codes"])
             self._lag = {int(p): n for p, n in header["lag"].items()}
-            return _batch_from_frame(header, payload, self.decoder)
+            return _batch_from_frame(header, payload).to_torch()
 
     def lag(self) -> dict[int, int]:
         """Messages behind each partition's end, as of the newest batch received."""
@@ -149,7 +158,7 @@ class PrefetchingConsumer:
             header, payload = self._next_frame(timeout_s + 10, wanted="range")
             if header["id"] != k:
                 raise ConsumerProcessError(f"replay read {header['id']} came before {k}")
-            yield _batch_from_frame(header, payload, self.decoder)
+            yield _batch_from_frame(header, payload).to_torch()
 
     def read_ranges(self, ranges: dict[int, tuple[int, int]],
                     timeout_s: float = 30.0) -> MicroBatch:
@@ -200,12 +209,12 @@ class PrefetchingConsumer:
                                        f"{self._proc.poll()})") from exc
 
     def _next_frame(self, timeout_s: float, wanted: str | None = None
-                    ) -> tuple[dict[str, Any], bytes] | None:
+                    ) -> tuple[dict[str, Any], bytearray] | None:
         """The next frame within ``timeout_s`` (``None`` on timeout); with ``wanted``, skip to
         the first frame of that type and raise if it does not come in time."""
         deadline = time.monotonic() + timeout_s
         while True:
-            frame = self._parse()
+            frame = _parse_frame(self._buf)
             if frame is not None:
                 if frame[0]["type"] == "error":
                     raise ConsumerProcessError(f"consumer process failed: {frame[0]['error']}")
@@ -226,48 +235,116 @@ class PrefetchingConsumer:
                                                f"{self._proc.wait()})")
                 self._buf += chunk
 
-    def _parse(self) -> tuple[dict[str, Any], bytearray] | None:
-        if len(self._buf) < _FRAME.size:
-            return None
-        hlen, plen = _FRAME.unpack_from(self._buf)
-        end = _FRAME.size + hlen + plen
-        if len(self._buf) < end:
-            return None
-        header = json.loads(bytes(self._buf[_FRAME.size:_FRAME.size + hlen]))
-        payload = self._buf[_FRAME.size + hlen:end]  # a copy, writable: torch can own it
-        del self._buf[:end]
-        return header, payload
+
+# -- frames -----------------------------------------------------------------------------------
+def _batch_frame(batch: ArrayBatch, kind: str) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """A batch as a frame's header and payload arrays: labels, tasks if any, then ``x`` (each
+    array starts at a multiple of its element size, so the parent's views of it are aligned)."""
+    header = {"type": kind, "n": len(batch), "task": batch.task is not None,
+              "dtype": batch.x.dtype.name, "shape": list(batch.x.shape),
+              "ranges": {str(p): list(r) for p, r in batch.ranges.items()},
+              "rejected": batch.rejected, "timestamp_ms": batch.timestamp_ms, "ids": batch.ids}
+    arrays = [batch.y] if batch.task is None else [batch.y, batch.task]
+    return header, [*arrays, batch.x]
 
 
-def _batch_from_frame(header: dict[str, Any], payload: bytearray,
-                      decoder: Decoder) -> MicroBatch:
+def _batch_from_frame(header: dict[str, Any], payload: bytearray) -> ArrayBatch:
+    """The batch of a frame, its arrays views of ``payload`` (no copy)."""
+    n = header["n"]
+    y = np.frombuffer(payload, np.int64, n)
+    task = np.frombuffer(payload, np.int64, n, y.nbytes) if header["task"] else None
     shape = header["shape"]
-    if shape[0]:
-        x = torch.from_numpy(np.frombuffer(payload, dtype=header["dtype"]).reshape(shape))
-    else:
-        x = torch.empty((0, *decoder.input_shape), dtype=torch.float32)
-    task = header["task"]
-    return MicroBatch(x, torch.tensor(header["y"], dtype=torch.long),
-                      None if task is None else torch.tensor(task, dtype=torch.long),
-                      {int(p): (r[0], r[1]) for p, r in header["ranges"].items()},
+    offset = y.nbytes if task is None else y.nbytes + task.nbytes
+    x = np.frombuffer(payload, header["dtype"], math.prod(shape), offset).reshape(shape)
+    return ArrayBatch(x, y, task, {int(p): (r[0], r[1]) for p, r in header["ranges"].items()},
                       header["rejected"], header["timestamp_ms"], header["ids"])
 
 
-def _batch_frame(batch: MicroBatch, kind: str) -> tuple[dict[str, Any], bytes]:
-    x = batch.x.numpy()
-    return {"type": kind, "dtype": x.dtype.name, "shape": list(x.shape), "y": batch.y.tolist(),
-            "task": None if batch.task is None else batch.task.tolist(),
-            "ranges": {str(p): list(r) for p, r in batch.ranges.items()},
-            "rejected": batch.rejected, "timestamp_ms": batch.timestamp_ms,
-            "ids": batch.ids}, x.tobytes()
+def _parse_frame(buf: bytearray) -> tuple[dict[str, Any], bytearray] | None:
+    """Take the first whole frame off ``buf``: its header and payload (``None``: not yet)."""
+    if len(buf) < _FRAME.size:
+        return None
+    hlen, plen = _FRAME.unpack_from(buf)
+    end = _FRAME.size + hlen + plen
+    if len(buf) < end:
+        return None
+    header = json.loads(bytes(buf[_FRAME.size:_FRAME.size + hlen]))
+    payload = buf[_FRAME.size + hlen:end]  # a copy, writable: the tensors can own it
+    del buf[:end]
+    return header, payload
 
 
-def _frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
+def _write_frame(out: BinaryIO, header: dict[str, Any], arrays: Iterable[np.ndarray] = ()
+                 ) -> None:
+    """One frame: lengths, the JSON header, then each array's bytes as they lie in memory."""
+    arrays = [np.ascontiguousarray(a) for a in arrays]
     head = json.dumps(header).encode()
-    return _FRAME.pack(len(head), len(payload)) + head + payload
+    out.write(_FRAME.pack(len(head), sum(a.nbytes for a in arrays)) + head)
+    for a in arrays:
+        out.write(a)  # the buffer itself, not a bytes copy of it
 
 
 # -- the child process ------------------------------------------------------------------------
+@dataclass
+class _Child:
+    """What the consumer process's commands act on."""
+
+    start: dict[str, Any]       # the parent's "start" command: the configuration
+    consumer: BatchConsumer
+    out: BinaryIO               # frames to the parent
+    epoch: int = 0              # of the last seek: stamped on every batch frame
+    reader: RangeReader | None = None  # for "read" (journal replay), made at the first one
+    closed: bool = False
+
+
+def _seek(child: _Child, cmd: dict[str, Any]) -> None:
+    child.epoch = cmd["epoch"]
+    child.consumer.seek({int(p): o for p, o in cmd["offsets"].items()})
+
+
+def _seek_to_beginning(child: _Child, cmd: dict[str, Any]) -> None:
+    child.epoch = cmd["epoch"]
+    offsets = child.consumer.seek_to_beginning(cmd["timeout_s"])
+    _write_frame(child.out, {"type": "sought",
+                             "offsets": {str(p): o for p, o in offsets.items()}})
+    child.out.flush()  # the parent waits for it
+
+
+def _read(child: _Child, cmd: dict[str, Any]) -> None:
+    if child.reader is None:
+        child.reader = RangeReader(child.start["bootstrap"], child.start["topic"],
+                                   child.consumer.decoder,
+                                   client_config=child.start["client_config"])
+    got = child.reader.read_arrays({int(p): (r[0], r[1]) for p, r in cmd["ranges"].items()},
+                                   cmd["timeout_s"])
+    header, arrays = _batch_frame(got, "range")
+    _write_frame(child.out, {**header, "id": cmd["id"]}, arrays)
+    child.out.flush()
+
+
+def _commit(child: _Child, cmd: dict[str, Any]) -> None:
+    child.consumer.commit({int(p): o for p, o in cmd["offsets"].items()})
+
+
+def _close(child: _Child, cmd: dict[str, Any]) -> None:
+    if child.reader is not None:
+        child.reader.close()
+    child.consumer.close()
+    _write_frame(child.out, {"type": "closed"})
+    child.out.flush()
+    child.closed = True
+
+
+#: the parent's commands (``{"op": name, ...}`` lines on stdin) and the child's handler of each
+_COMMANDS: dict[str, Callable[[_Child, dict[str, Any]], None]] = {
+    "seek": _seek,
+    "seek_to_beginning": _seek_to_beginning,
+    "read": _read,
+    "commit": _commit,
+    "close": _close,
+}
+
+
 def _child() -> int:
     out = sys.stdout.buffer
     with contextlib.suppress(OSError):
@@ -290,10 +367,10 @@ def _child() -> int:
         start["bootstrap"], start["topic"], start["group_id"], Decoder(**start["decoder"]),
         cut_at_task_change=start["cut_at_task_change"], client_config=start["client_config"],
         session_timeout_ms=start["session_timeout_ms"], hold_until_seek=start["hold_until_seek"])
-    out.write(_frame({"type": "ready"}))
+    child = _Child(start, consumer, out)
+    _write_frame(out, {"type": "ready"})
     out.flush()
-    epoch, seen = 0, Counter[str]()
-    reader: RangeReader | None = None
+    seen = Counter[str]()
     try:
         while True:
             pending.clear()
@@ -304,51 +381,28 @@ def _child() -> int:
                     break
                 if cmd is None:
                     os._exit(0)  # parent gone: leave without committing anything
-                op = cmd["op"]
-                if op == "seek":
-                    epoch = cmd["epoch"]
-                    consumer.seek({int(p): o for p, o in cmd["offsets"].items()})
-                elif op == "seek_to_beginning":
-                    epoch = cmd["epoch"]
-                    offsets = consumer.seek_to_beginning(cmd["timeout_s"])
-                    out.write(_frame({"type": "sought",
-                                      "offsets": {str(p): o for p, o in offsets.items()}}))
-                elif op == "read":
-                    if reader is None:
-                        reader = RangeReader(start["bootstrap"], start["topic"],
-                                             consumer.decoder,
-                                             client_config=start["client_config"])
-                    got = reader.read_ranges({int(p): (r[0], r[1])
-                                              for p, r in cmd["ranges"].items()},
-                                             cmd["timeout_s"])
-                    header, data = _batch_frame(got, "range")
-                    out.write(_frame({**header, "id": cmd["id"]}, data))
-                    out.flush()
-                elif op == "commit":
-                    consumer.commit({int(p): o for p, o in cmd["offsets"].items()})
-                elif op == "close":
-                    if reader is not None:
-                        reader.close()
-                    consumer.close()
-                    out.write(_frame({"type": "closed"}))
-                    out.flush()
+                handler = _COMMANDS.get(cmd["op"])
+                if handler is None:
+                    raise ValueError(f"unknown command {cmd['op']!r}")
+                handler(child, cmd)
+                if child.closed:
                     return 0
-            batch = consumer.poll_batch(start["batch_size"], start["max_wait_s"], pending)
+            batch = consumer.poll_arrays(start["batch_size"], start["max_wait_s"], pending)
             if batch is None:
                 out.flush()
                 continue
             codes = consumer.rejections - seen
             seen = Counter(consumer.rejections)
-            header, data = _batch_frame(batch, "batch")
-            header.update(epoch=epoch, rejected_codes=dict(codes),
+            header, arrays = _batch_frame(batch, "batch")
+            header.update(epoch=child.epoch, rejected_codes=dict(codes),
                           lag={str(p): n for p, n in consumer.lag().items()})
-            out.write(_frame(header, data))
+            _write_frame(out, header, arrays)
             out.flush()
     except BrokenPipeError:
         os._exit(0)  # parent gone
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            out.write(_frame({"type": "error", "error": f"{type(exc).__name__}: {exc}"}))
+            _write_frame(out, {"type": "error", "error": f"{type(exc).__name__}: {exc}"})
             out.flush()
         raise
 

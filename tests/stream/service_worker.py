@@ -15,6 +15,7 @@ import threading
 import time
 
 from streamcl.service import TrainerService, install_sigterm
+from streamcl.stream.journal import JournalFenced
 from streamcl.trainer import TrainerConfig
 
 
@@ -55,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
 
         service.step_once = step_once  # type: ignore[method-assign]
     until = None if args.until is None else (lambda s: s.offsets.get(0, 0) >= args.until)
-    summary = service.run(stop, until=until)
+    try:
+        summary = service.run(stop, until=until)
+    except JournalFenced as exc:  # as `streamcl run` does: one line, its own exit code
+        print(f"streamcl: stopped: {exc}", file=sys.stderr, flush=True)
+        return 3
     print("DONE", json.dumps({**summary, "sha256": service.state_sha256(),
                               "position": service.trainer.position}), flush=True)
     return 0

@@ -16,6 +16,7 @@ import pytest
 
 from streamcl.cli import main
 from streamcl.data import Stream
+from streamcl.stream.entries import Batch
 from streamcl.stream.journal import Journal, journal_topic
 from streamcl.stream.producer import produce_stream
 
@@ -33,7 +34,7 @@ def _wait_for_samples(bootstrap: str, name: str, proc: subprocess.Popen, n: int)
     with Journal(bootstrap, journal_topic(name)) as journal:
         while time.monotonic() < deadline:
             assert proc.poll() is None, proc.communicate()[1]
-            done = sum(e.get("samples", 0) for e in journal.read() if e["type"] == "batch")
+            done = sum(e.samples for e in journal.read() if isinstance(e, Batch))
             if done >= n:
                 return
             time.sleep(0.1)  # polling interval, not synchronisation
@@ -66,9 +67,9 @@ def test_run_trains_drains_on_sigterm_and_replay_agrees(tmp_path: Path, kafka_bo
     assert summary["samples"] == len(data)
     with Journal(kafka_bootstrap, journal_topic(name)) as journal:
         last = journal.last()
-        sizes = [e["samples"] for e in journal.read() if e["type"] == "batch"]
+        sizes = [e.samples for e in journal.read() if e.type == "batch"]
     assert max(sizes) == 20 and sum(sizes) == len(data)  # STREAMCL_BATCH_SIZE beat the file
-    assert last is not None and last["type"] == "snapshot"   # drained: snapshot last
+    assert last is not None and last.type == "snapshot"   # drained: snapshot last
     assert list(Path(tmp_path / "snaps").glob("snapshot-*.safetensors"))
 
     assert main(["replay", "--bootstrap", kafka_bootstrap, "--name", name, "--topic",

@@ -17,6 +17,7 @@ import torch
 
 from streamcl.cli import main
 from streamcl.data import Stream, digits, split_stream
+from streamcl.learner import Learner
 from streamcl.metrics.prometheus import ServiceMetrics
 from streamcl.metrics.server import MetricsServer
 from streamcl.registry.announce import Announcer
@@ -25,9 +26,10 @@ from streamcl.registry.model import export_model
 from streamcl.registry.publisher import Publisher, PublishPolicy
 from streamcl.registry.registry import ModelRegistry, weights_bytes
 from streamcl.registry.watcher import ModelWatcher
-from streamcl.replay import replay, replay_trainer
+from streamcl.replay import replay, replay_learner
 from streamcl.service import TrainerService
 from streamcl.stream.broker import ensure_topics
+from streamcl.stream.entries import Publish
 from streamcl.stream.journal import Journal, journal_topic
 from streamcl.stream.producer import produce_stream
 from streamcl.trainer import OnlineTrainer, TrainerConfig
@@ -86,33 +88,33 @@ def test_publication_end_to_end(kafka_bootstrap: str, tmp_path: Path,
         assert replay(kafka_bootstrap, name, topic) == (live_sha, service.batches)
 
         # every journaled publication is a registry version, and nothing else is
-        with Journal(kafka_bootstrap, journal_topic(name)) as journal:
+        with Journal(kafka_bootstrap, journal_topic(name), create=False) as journal:
             entries = list(journal.read())
-        published = [e for e in entries if e["type"] == "publish"]
-        rejected = [e for e in entries if e["type"] == "reject"]
+        published = [e for e in entries if e.type == "publish"]
+        rejected = [e for e in entries if e.type == "reject"]
         # 3 experience ends + every 200 samples; naive fine-tuning forgets old classes, so the
         # gate turns some candidates down
         assert len(published) + len(rejected) >= 5 and published and rejected
-        assert [e["version"] for e in published] == registry.versions()
-        assert registry.alias("production") == published[-1]["version"]
-        triggers = {e["trigger"] for e in published + rejected}
+        assert [e.version for e in published] == registry.versions()
+        assert registry.alias("production") == published[-1].version
+        triggers = {e.trigger for e in published + rejected}
         assert {"experience-end", "samples"} <= triggers
         for e in rejected:
-            assert e["reason"].startswith("worse") and e["gate"]["decision"] == "rejected"
-        last = (published + rejected)[-1]["metrics"]
-        assert len(last["accuracy_matrix"]) >= 3 and 0 < last["holdout_accuracy"] <= 1
-        assert last["forgetting"] is not None and last["backward_transfer"] is not None
+            assert e.reason.startswith("worse") and e.gate.decision == "rejected"
+        last = (published + rejected)[-1].metrics
+        assert len(last.accuracy_matrix.rows) >= 3 and 0 < last.holdout_accuracy <= 1
+        assert last.forgetting is not None and last.backward_transfer is not None
 
         # any published model can be rebuilt from the log: replay to its entry, export, hash
         for entry in published:
-            manifest = registry.manifest(entry["version"])
-            assert manifest["journal_seq"] == entry["seq"]
-            trainer, _, _ = replay_trainer(kafka_bootstrap, name, topic, to_seq=entry["seq"])
-            tensors, _ = export_model(trainer)
+            manifest = registry.manifest(entry.version)
+            assert manifest["journal_seq"] == entry.seq
+            learner, _ = replay_learner(kafka_bootstrap, name, topic, to_seq=entry.seq)
+            tensors, _ = export_model(learner.trainer)
             assert hashlib.sha256(weights_bytes(tensors)).hexdigest() == manifest["sha256"]
 
         # the watcher (following <name>.models) serves the production version
-        final = published[-1]["version"]
+        final = published[-1].version
         assert watcher.wait_for_version(final, timeout=20)
         x = torch.from_numpy(stream.x[-200:])
         assert torch.equal(watcher.predict(x), registry.load_model(final).predict(x))
@@ -135,8 +137,8 @@ def test_publication_end_to_end(kafka_bootstrap: str, tmp_path: Path,
     assert main(["report", "--bootstrap-servers", kafka_bootstrap, "--name", name,
                  "--registry", str(tmp_path / "registry"), "--out", str(out)]) == 0
     html = (out / "report.html").read_text()
-    assert all(f"v{e['version']}" in html for e in published)
-    assert rejected[0]["reason"].split(":")[0] in html
+    assert all(f"v{e.version}" in html for e in published)
+    assert rejected[0].reason.split(":")[0] in html
     assert (out / "accuracy_matrix.png").stat().st_size > 1000
 
     # a crash between journaling a publication and writing it: recovery publishes it again,
@@ -164,18 +166,18 @@ def test_gate_rejects_a_worse_candidate(tmp_path: Path) -> None:
         good.step(x[~mask], y[~mask].long())
         holdout.add(x[mask], y[mask].long(), 0, len(y))
     registry = ModelRegistry(tmp_path / "registry")
-    pub = Publisher(registry, PublishPolicy(tolerance=0.02))
-    first = pub.evaluate(good, holdout, "samples", 0, finished=False)
-    assert first.promote and first.reason == "no production version yet"
-    pub.commit(first, pub.next_version(), good)
+    pub = Publisher(registry, PublishPolicy(every_samples=1, tolerance=0.02))
+    first = pub.judge(Learner(good, holdout), experience_ended=False)
+    assert isinstance(first, Publish) and first.gate.reason == "no production version yet"
+    pub.commit(first, Learner(good, holdout))
     # a model that saw only the first 100 samples is far worse on the same holdout
     weak = OnlineTrainer(CONFIG)
     weak.step(torch.from_numpy(stream.x[:100]), torch.from_numpy(stream.y[:100]).long())
-    verdict = pub.evaluate(weak, holdout, "samples", 0, finished=False)
-    assert not verdict.promote and verdict.reason.startswith("worse")
-    assert verdict.gate["candidate"] < verdict.gate["production"] - 0.02
-    assert 0 < verdict.metrics["negative_flip_rate"] <= 1
+    verdict = pub.evaluate(Learner(weak, holdout), finished=False)
+    assert not verdict.gate.promoted and verdict.gate.reason.startswith("worse")
+    assert verdict.gate.candidate < verdict.gate.production - 0.02
+    assert 0 < verdict.metrics.negative_flip_rate <= 1
     # the good model again passes (not worse than itself)
-    assert pub.evaluate(good, holdout, "samples", 0, finished=False).promote
-    assert np.isclose(pub.evaluate(good, holdout, "time", 0, finished=False)
-                      .metrics["negative_flip_rate"], 0.0)
+    assert pub.evaluate(Learner(good, holdout), finished=False).gate.promoted
+    assert np.isclose(pub.evaluate(Learner(good, holdout), finished=False)
+                      .metrics.negative_flip_rate, 0.0)

@@ -27,11 +27,13 @@ import pytest
 import torch
 
 from streamcl.data import Stream, digits, split_stream
+from streamcl.learner import SNAPSHOT_EXTRAS
 from streamcl.replay import replay
 from streamcl.service import TrainerService
 from streamcl.state import state_sha256
 from streamcl.stream.broker import ensure_topics
-from streamcl.stream.journal import Journal, journal_topic, ranges_from_json
+from streamcl.stream.entries import Batch, Start
+from streamcl.stream.journal import Journal, journal_topic
 from streamcl.stream.producer import produce_stream
 from streamcl.stream.snapshots import SnapshotStore
 from streamcl.trainer import OnlineTrainer, TrainerConfig
@@ -115,27 +117,27 @@ def test_end_to_end_matches_in_memory_trainer(kafka_bootstrap: str, data: tuple[
     assert live["summary"]["rejected"] == N_TOTAL - N_VALID
     assert sum(live["rejections"].values()) == N_TOTAL - N_VALID
     entries = _entries(kafka_bootstrap, live["name"])
-    assert [e["seq"] for e in entries] == list(range(len(entries)))
-    assert entries[0]["type"] == "start" and entries[0]["trainer_config"] == CONFIG.to_json()
-    batches = [e for e in entries if e["type"] == "batch"]
+    assert [e.seq for e in entries] == list(range(len(entries)))
+    assert entries[0].type == "start" and entries[0].trainer_config == CONFIG.to_json()
+    batches = [e for e in entries if e.type == "batch"]
     # an in-memory trainer fed the same batches (rebuilt from the stream arrays by offset)
     ref = OnlineTrainer(CONFIG)
     seen: list[int] = []
     checkpoints: dict[int, str] = {}
     next_offset = 0
     for e in batches:
-        first, last = ranges_from_json(e["ranges"])[0]
+        first, last = e.ranges[0]
         assert first == next_offset  # contiguous: nothing skipped, nothing twice
         next_offset = last + 1
         idx = [o - HEAD_POISON for o in range(first, last + 1)
                if HEAD_POISON <= o < HEAD_POISON + N_VALID]
-        assert e["samples"] == len(idx) and e["samples"] <= BATCH
+        assert e.samples == len(idx) and e.samples <= BATCH
         seen += idx
         if idx:
             task = torch.from_numpy(stream.task[idx])
             assert len(set(task.tolist())) == 1  # a batch never straddles a task change
             ref.step(torch.from_numpy(stream.x[idx]), torch.from_numpy(stream.y[idx]), task)
-        checkpoints[e["seq"]] = state_sha256(ref.state_dict())
+        checkpoints[e.seq] = state_sha256(ref.state_dict())
     assert next_offset == N_TOTAL
     assert seen == list(range(N_VALID))  # every valid sample exactly once, in order
     assert len(ref.boundaries) == len(np.unique(stream.task)) - 1
@@ -144,11 +146,11 @@ def test_end_to_end_matches_in_memory_trainer(kafka_bootstrap: str, data: tuple[
     assert replay(kafka_bootstrap, live["name"], topic) == (live["sha256"], len(batches))
     sha, _ = replay(kafka_bootstrap, live["name"], topic, snapshot_dir=str(live["snapdir"]))
     assert sha == live["sha256"]
-    mid = batches[len(batches) // 2]["seq"]
+    mid = batches[len(batches) // 2].seq
     assert replay(kafka_bootstrap, live["name"], topic, to_seq=mid)[0] == checkpoints[mid]
     # the final snapshot covers everything, and the group offsets followed it
     info, _ = SnapshotStore(live["snapdir"]).latest_valid()
-    assert info.covers_seq >= batches[-1]["seq"] and info.offsets == {0: N_TOTAL}
+    assert info.covers_seq >= batches[-1].seq and info.offsets == {0: N_TOTAL}
 
 
 def test_snapshot_with_other_config_is_refused(kafka_bootstrap: str, data: tuple[str, Stream],
@@ -165,9 +167,10 @@ def test_snapshot_with_other_config_is_refused(kafka_bootstrap: str, data: tuple
 
 
 def _start(bootstrap: str, topic: str, name: str, snapdir: Path, until: bool,
-           max_wait: float = MAX_WAIT, pace: float = 0.0) -> subprocess.Popen:
+           max_wait: float = MAX_WAIT, pace: float = 0.0, group: str | None = None
+           ) -> subprocess.Popen:
     cmd = [sys.executable, str(WORKER), "--bootstrap", bootstrap, "--topic", topic,
-           "--group", f"{name}-group", "--name", name, "--snapshot-dir", str(snapdir),
+           "--group", group or f"{name}-group", "--name", name, "--snapshot-dir", str(snapdir),
            "--config", json.dumps(CONFIG.to_json()), "--batch-size", str(BATCH),
            "--max-wait", str(max_wait), "--snapshot-every", str(EVERY),
            "--session-timeout-ms", str(SESSION_MS), "--pace", str(pace)]
@@ -183,7 +186,7 @@ def _wait_for_seq(journal: Journal, proc: subprocess.Popen, target: int,
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         last = journal.last()
-        seq = -1 if last is None else last["seq"]
+        seq = -1 if last is None else last.seq
         if seq >= target or proc.poll() is not None:
             return seq
         time.sleep(0.05)  # polling interval
@@ -205,7 +208,7 @@ def test_kill_9_recovery_matches_uninterrupted_run(kafka_bootstrap: str,
     recoveries = []
     with Journal(kafka_bootstrap, journal_topic(name), create=False) as journal:
         for _ in range(3):
-            base = -1 if journal.last() is None else journal.last()["seq"]
+            base = -1 if journal.last() is None else journal.last().seq
             proc = _start(kafka_bootstrap, topic, name, tmp_path, until=True, pace=0.02)
             _wait_for_seq(journal, proc, base + rng.randint(4, 14))
             assert proc.poll() is None, "the worker finished before it could be killed"
@@ -225,8 +228,8 @@ def test_kill_9_recovery_matches_uninterrupted_run(kafka_bootstrap: str,
     assert any(r["snapshot_seq"] is not None for r in recoveries)
     assert any(r["replayed"] > 0 for r in recoveries[1:])
     entries = _entries(kafka_bootstrap, name)
-    batches = [e for e in entries if e["type"] == "batch"]
-    assert sum(e["samples"] for e in batches) == N_VALID  # nothing journaled twice
+    batches = [e for e in entries if e.type == "batch"]
+    assert sum(e.samples for e in batches) == N_VALID  # nothing journaled twice
     assert replay(kafka_bootstrap, name, topic)[0] == live["sha256"]
 
 
@@ -245,11 +248,50 @@ def test_sigterm_drains_and_snapshots(kafka_bootstrap: str, data: tuple[str, Str
     assert proc.returncode == 0, err
     (done,) = _lines(out, "DONE")
     entries = _entries(kafka_bootstrap, name)
-    last_batch = [e for e in entries if e["type"] == "batch"][-1]
-    assert entries[-1]["type"] == "snapshot"
-    assert entries[-1]["covers_seq"] >= last_batch["seq"]
+    last_batch = [e for e in entries if e.type == "batch"][-1]
+    assert entries[-1].type == "snapshot"
+    assert entries[-1].covers_seq >= last_batch.seq
     info, state = SnapshotStore(tmp_path).latest_valid()
-    assert info.covers_seq == entries[-1]["covers_seq"]
-    _, last = ranges_from_json(last_batch["ranges"])[0]
+    assert info.covers_seq == entries[-1].covers_seq
+    _, last = last_batch.ranges[0]
     assert info.offsets == {0: last + 1}
-    assert state_sha256(state) == done["sha256"]
+    learner_state = {k: v for k, v in state.items() if k not in SNAPSHOT_EXTRAS}
+    assert state_sha256(learner_state) == done["sha256"]
+
+
+def test_a_second_instance_fences_the_first(kafka_bootstrap: str, data: tuple[str, Stream],
+                                            live: dict[str, Any], tmp_path: Path) -> None:
+    """Two real processes, one learner name: the second's journal writer fences the first
+    (Kafka's producer epoch for the learner's transactional.id); the first stops at its next
+    journal write with one line and exit code 3, having written nothing after the fence; the
+    log stays one gap-free history that the second finishes, bit for bit as uninterrupted."""
+    topic, _ = data
+    name = _uid("fence")
+    # separate consumer groups: both keep reading the input, so the first one keeps trying
+    first = _start(kafka_bootstrap, topic, name, tmp_path / "a", until=True, pace=0.05,
+                   group=f"{name}-a")
+    with Journal(kafka_bootstrap, journal_topic(name), create=False) as journal:
+        _wait_for_seq(journal, first, 10)
+    second = _start(kafka_bootstrap, topic, name, tmp_path / "b", until=True, group=f"{name}-b")
+    out_b, err_b = second.communicate(timeout=120)
+    out_a, err_a = first.communicate(timeout=60)
+    assert first.returncode == 3, err_a
+    assert err_a.strip().splitlines()[-1].startswith("streamcl: stopped: ")
+    assert "another instance" in err_a and "Traceback" not in err_a
+    assert "DONE" not in out_a
+    assert second.returncode == 0, err_b
+    (recovered,) = _lines(out_b, "RECOVERED")
+    (done,) = _lines(out_b, "DONE")
+    entries = _entries(kafka_bootstrap, name)
+    assert [e.seq for e in entries] == list(range(len(entries)))
+    starts = [e for e in entries if isinstance(e, Start)]
+    assert len(starts) == 2 and starts[1].replayed == recovered["replayed"] > 0
+    batches = [e for e in entries if isinstance(e, Batch)]
+    assert sum(e.samples for e in batches) == N_VALID  # nothing lost, nothing twice
+    # the first wrote nothing after the fence: no entry of its own after the second's start
+    # (every batch after it continues where the second recovered), no snapshot beyond it
+    after = [e for e in batches if e.seq > starts[1].seq]
+    assert after and after[0].ranges[0][0] == recovered["offsets"]["0"]
+    fenced_snaps = [i.covers_seq for i in SnapshotStore(tmp_path / "a").list()]
+    assert all(c < starts[1].seq for c in fenced_snaps)
+    assert done["sha256"] == live["sha256"]

@@ -18,7 +18,7 @@ from kafka import KafkaProducer
 from streamcl.replay import replay
 from streamcl.service import TrainerService
 from streamcl.stream.broker import ensure_topics
-from streamcl.stream.journal import Journal, journal_topic, ranges_from_json
+from streamcl.stream.journal import Journal, journal_topic
 from streamcl.stream.messages import encode_binary
 from streamcl.trainer import TrainerConfig
 
@@ -52,13 +52,13 @@ def test_multi_partition_journal_replay_reproduces_the_state(kafka_bootstrap: st
     live_sha = service.state_sha256()
 
     with Journal(kafka_bootstrap, journal_topic(name)) as journal:
-        batches = [e for e in journal.read() if e["type"] == "batch"]
+        batches = [e for e in journal.read() if e.type == "batch"]
     seen = {p: set() for p in range(PARTITIONS)}
     for entry in batches:
-        for p, (first, last) in ranges_from_json(entry["ranges"]).items():
+        for p, (first, last) in entry.ranges.items():
             seen[p].update(range(first, last + 1))
     assert all(seen[p] == set(range(N // PARTITIONS)) for p in seen)  # every offset, once
-    assert any(len(e["ranges"]) > 1 for e in batches) or len(batches) > 1
+    assert any(len(e.ranges) > 1 for e in batches) or len(batches) > 1
 
     sha, n = replay(kafka_bootstrap, name, topic)
     assert (sha, n) == (live_sha, len(batches))

@@ -33,8 +33,8 @@ def test_time_triggered_snapshots(kafka_bootstrap: str, topic: str, tmp_path: Pa
                                                     and s.trainer.position >= 120)
                 or time.monotonic() > deadline)
     with Journal(kafka_bootstrap, journal_topic(name)) as journal:
-        entries = [e for e in journal.read() if e["type"] in ("batch", "snapshot")]
-    kinds = [e["type"] for e in entries]
+        entries = [e for e in journal.read() if e.type in ("batch", "snapshot")]
+    kinds = [e.type for e in entries]
     assert kinds.count("batch") == 12
     # the batch counter never fires (10**6), so every snapshot here came from the clock:
     # one after each batch

@@ -1,0 +1,250 @@
+"""The learner: the state the journal rebuilds (trainer + holdout), and the one way to rebuild it.
+
+A journaled ``batch`` entry is applied by :meth:`Learner.apply`, and by nothing else: the live
+loop, recovery after a crash and ``streamcl replay`` all call it, so they cannot drift apart.
+:func:`rebuild` is the one procedure that turns a snapshot plus the journal up to a sequence
+number into a :class:`Learner`; recovery and replay both call it.
+
+A step, in order (the live loop's, and the replay's):
+
+1. :meth:`Learner.prepare` splits the batch's held-out samples off (the holdout keeps a
+   deterministic share, by stream index) and plans the rest: the trainer's one decision.
+2. The live loop journals the plan as a :class:`~streamcl.stream.entries.Batch` entry; a replay
+   reads that entry back.
+3. :meth:`Learner.apply` checks the prepared step against the entry (same samples, same plan:
+   a replay that disagrees with its log raises :class:`ReplayMismatch`), opens the experience
+   the plan says, trains, and files the held-out samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from streamcl.registry.holdout import Holdout
+from streamcl.state import state_sha256
+from streamcl.stream.consumer import MicroBatch
+from streamcl.stream.entries import Batch, Entry, HoldoutSpec
+from streamcl.stream.journal import Journal, JournalError
+from streamcl.stream.snapshots import SnapshotError, SnapshotStore
+from streamcl.stream.sources import RangeSource
+from streamcl.trainer import OnlineTrainer, Plan, StepResult, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+
+class ReplayMismatch(RuntimeError):
+    """Replaying a journaled batch did not reproduce the journaled decision (log and code
+    disagree: different code, configuration, input data or decoding)."""
+
+
+@dataclass
+class Step:
+    """A batch made ready to learn: its training part, held-out mask and plan."""
+
+    batch: MicroBatch
+    train: MicroBatch
+    mask: torch.Tensor | None   # held-out samples (None: none)
+    plan: Plan | None           # None: nothing to train (every sample held out, or empty)
+
+    def entry(self) -> Batch:
+        """The journal entry that records this step."""
+        return Batch(ranges=self.batch.ranges, plan=self.plan.to_json() if self.plan else {},
+                     samples=len(self.batch), rejected=self.batch.rejected)
+
+
+@dataclass
+class Applied:
+    """What applying a step did: the training result (None if nothing trained) and how many
+    samples went to the holdout."""
+
+    result: StepResult | None
+    held: int
+
+
+class Learner:
+    """The trainer and its quality-gate holdout: everything replay must reproduce."""
+
+    def __init__(self, trainer: OnlineTrainer, holdout: Holdout | None = None) -> None:
+        self.trainer = trainer
+        self.holdout = holdout
+
+    @classmethod
+    def fresh(cls, config: TrainerConfig, holdout: HoldoutSpec | None) -> Learner:
+        return cls(OnlineTrainer(config), _holdout(holdout))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], holdout: HoldoutSpec | None) -> Learner:
+        learner = cls(OnlineTrainer.from_state(state), _holdout(holdout))
+        if learner.holdout is not None and "holdout" in state:
+            learner.holdout.load_state_dict(state["holdout"])
+        return learner
+
+    @property
+    def position(self) -> int:
+        return self.trainer.position
+
+    @property
+    def experience(self) -> int:
+        return self.trainer.strategy.experience
+
+    def prepare(self, batch: MicroBatch) -> Step:
+        train, mask = _split_holdout(batch, self.holdout)
+        plan = self.trainer.plan(train.y, train.task) if len(train) else None
+        return Step(batch, train, mask, plan)
+
+    def apply(self, step: Step, entry: Batch) -> Applied:
+        """Apply ``step`` as journaled by ``entry`` (the one procedure; see the module)."""
+        if len(step.batch) != entry.samples or step.batch.rejected != entry.rejected:
+            raise ReplayMismatch(f"journal entry {entry.seq}: ranges {entry.ranges} give "
+                                 f"{len(step.batch)} samples / {step.batch.rejected} rejected, "
+                                 f"the journal says {entry.samples} / {entry.rejected}")
+        planned = step.plan.to_json() if step.plan else {}
+        if planned != entry.plan:
+            raise ReplayMismatch(f"journal entry {entry.seq}: replay plans {planned}, the "
+                                 f"journal says {entry.plan}")
+        result = None
+        if step.plan is not None:
+            if step.plan.boundary is not None:
+                self.trainer.end_experience(step.plan.boundary)
+            result = self.trainer.learn(step.train.x, step.train.y, step.plan)
+        return Applied(result, self._keep_holdout(step))
+
+    def _keep_holdout(self, step: Step) -> int:
+        """File the held-out samples; advance the holdout's stream index; return how many."""
+        if self.holdout is None:
+            return 0
+        if step.mask is None:
+            self.holdout.advance(len(step.batch))
+            return 0
+        self.holdout.add(step.batch.x[step.mask], step.batch.y[step.mask], self.experience,
+                         len(step.batch))
+        return int(step.mask.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's state, plus the holdout's if any (what :meth:`sha256` hashes)."""
+        state = self.trainer.state_dict()
+        if self.holdout is not None:
+            state["holdout"] = self.holdout.state_dict()
+        return state
+
+    def sha256(self) -> str:
+        return state_sha256(self.state_dict())
+
+
+def _holdout(spec: HoldoutSpec | None) -> Holdout | None:
+    return None if spec is None else Holdout(spec.fraction, spec.size, spec.seed)
+
+
+def _split_holdout(batch: MicroBatch, holdout: Holdout | None
+                   ) -> tuple[MicroBatch, torch.Tensor | None]:
+    """The batch's training part, and the mask of its held-out samples (``None``: none)."""
+    if holdout is None or holdout.fraction == 0 or not len(batch):
+        return batch, None
+    mask = holdout.split(len(batch))
+    if not bool(mask.any()):
+        return batch, None
+    keep = ~mask
+    task = None if batch.task is None else batch.task[keep]
+    ids = [i for i, m in zip(batch.ids, mask.tolist(), strict=True) if not m]
+    return MicroBatch(batch.x[keep], batch.y[keep], task, batch.ranges, batch.rejected,
+                      batch.timestamp_ms, ids), mask
+
+
+# -- rebuilding -------------------------------------------------------------------------------
+@dataclass
+class Rebuilt:
+    """A learner rebuilt from a snapshot and the journal, and where that left the stream."""
+
+    learner: Learner
+    snapshot_seq: int                 # covers_seq of the snapshot started from (-1: none)
+    snapshot_extra: dict[str, Any]    # what the snapshot kept beside the learner
+    offsets: dict[int, int]           # next input offset per partition
+    replayed: int = 0                 # batch entries applied
+    newest_ts_ms: int | None = None   # newest sample timestamp trained on
+    entries: list[Entry] = field(default_factory=list)  # every entry after the snapshot
+
+
+#: what a snapshot may keep beside the learner's state (the service's own small state)
+SNAPSHOT_EXTRAS = ("publisher", "stream")
+
+
+def newest_snapshot(store: SnapshotStore, config: TrainerConfig, to_seq: int | None = None
+                    ) -> tuple[int, dict[int, int], dict[str, Any]] | None:
+    """``(covers_seq, offsets, state)`` of the newest valid snapshot covering at most
+    ``to_seq`` (``None``: any); its configuration must be ``config``'s."""
+    if to_seq is None:
+        found = store.latest_valid()
+        if found is None:
+            return None
+        info, state = found
+    else:
+        for info in store.list():
+            if info.covers_seq > to_seq:
+                continue
+            with contextlib.suppress(SnapshotError):
+                _, state = store.load(info.covers_seq)
+                break
+        else:
+            return None
+    mine = config.to_json()
+    if state.get("config") != mine:
+        diff = sorted(k for k in mine if state.get("config", {}).get(k) != mine[k])
+        raise ValueError(f"snapshot {info.path} was made with a different configuration "
+                         f"({', '.join(diff)}); use its configuration or another learner name "
+                         "/ snapshot directory")
+    return info.covers_seq, dict(info.offsets), state
+
+
+def rebuild(journal: Journal, source: RangeSource, config: TrainerConfig,
+            holdout: HoldoutSpec | None, snapshots: SnapshotStore | None = None,
+            to_seq: int | None = None, *,
+            on_start: Callable[[Rebuilt], None] | None = None,
+            on_entry: Callable[[Entry, Learner], None] | None = None) -> Rebuilt:
+    """The learner as of journal entry ``to_seq`` (``None``: the log's end): the newest valid
+    snapshot covering at most ``to_seq`` (or a fresh learner), then every ``batch`` entry after
+    it, each batch read back from its offset ranges through ``source`` (a range source) and
+    applied with :meth:`Learner.apply`. ``on_start(rebuilt)`` sees the snapshot's state
+    (``snapshot_extra``: what its writer kept beside the learner) before any entry;
+    ``on_entry(entry, learner)`` sees every entry after the
+    snapshot, in order, right after it is applied (a ``publish`` entry thus sees the state it
+    published)."""
+    found = None if snapshots is None else newest_snapshot(snapshots, config, to_seq)
+    if found is None:
+        out = Rebuilt(Learner.fresh(config, holdout), -1, {}, {})
+    else:
+        covers, offsets, state = found
+        if covers >= journal.next_seq:
+            raise JournalError(f"a snapshot covers journal entry {covers} but {journal.topic} "
+                               f"ends before it (next seq {journal.next_seq}): the journal was "
+                               "lost; refusing to resume silently")
+        extra = {k: state.pop(k) for k in SNAPSHOT_EXTRAS if k in state}
+        out = Rebuilt(Learner.from_state(state, holdout), covers, extra, offsets)
+    if on_start is not None:
+        on_start(out)
+    if to_seq is not None and to_seq <= out.snapshot_seq:
+        return out
+    out.entries = list(journal.read(from_seq=out.snapshot_seq + 1, to_seq=to_seq))
+    # the batches are read ahead (by the consumer process, where there is one) while earlier
+    # ones train
+    batches = source.read_many([e.ranges for e in out.entries if isinstance(e, Batch)])
+    for entry in out.entries:
+        if isinstance(entry, Batch):
+            step = out.learner.prepare(next(batches))
+            out.learner.apply(step, entry)
+            out.offsets.update(step.batch.next_offsets)
+            if step.plan is not None and step.batch.timestamp_ms is not None:
+                out.newest_ts_ms = max(out.newest_ts_ms or 0, step.batch.timestamp_ms)
+            out.replayed += 1
+        if on_entry is not None:
+            on_entry(entry, out.learner)
+    return out
+
+
+__all__ = ["Applied", "Learner", "Rebuilt", "ReplayMismatch", "Step", "newest_snapshot",
+           "rebuild"]
