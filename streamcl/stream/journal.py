@@ -69,6 +69,7 @@ from streamcl.stream.entries import Entry, EntryError, entry_from_json
 log = logging.getLogger(__name__)
 
 _PARTITION = 0
+_WHY_S = 2.0  # how long a failing writer asks librdkafka why
 E = TypeVar("E", bound=Entry)
 
 
@@ -128,7 +129,7 @@ class Journal:
         if writer is not None:  # the fence comes first: the tail read after it is final
             self._writer = _Writer(bootstrap, topic, writer, self.client_config, timeout_s,
                                    commit_every_s)
-        last = self._tail()
+        last = self.last()
         #: the entry with the highest seq when this instance was made or last appended
         self.last_entry: Entry | None = last
         #: the seq the next :meth:`append` gets
@@ -208,9 +209,6 @@ class Journal:
                 hi, window = lo, window * 4
         return None
 
-    def _tail(self) -> Entry | None:
-        return self.last()
-
     def _reader(self) -> _Reader:
         return _Reader(self)
 
@@ -282,6 +280,7 @@ class _Writer:
         self._failed: str | None = None    # the first failure, once one happened
         self._reports: list[tuple[int | None, Any, Any]] = []  # (seq, error, message)
         self._fenced = False
+        self._vague = False  # a failure that does not say why (see _check)
         self._txn_since: float | None = None  # when the open transaction began
         self.pending = 0
         try:
@@ -324,6 +323,9 @@ class _Writer:
                                 self._kafka.KafkaError.PRODUCER_FENCED,
                                 self._kafka.KafkaError.INVALID_PRODUCER_EPOCH)
         self._fenced = self._fenced or fenced
+        k = self._kafka.KafkaError
+        self._vague = self._vague or err.code() in (k._FATAL, k._STATE, k._PURGE_QUEUE,
+                                                    k._PURGE_INFLIGHT)
         if self._failed is None:
             where = "" if seq is None else f"entry {seq} "
             self._failed = f"{where}not acknowledged: {err.name()}: {err.str()}"
@@ -343,6 +345,17 @@ class _Writer:
 
     def _check(self) -> None:
         self._read_reports()
+        if self._vague and not self._fenced:
+            # after a fatal error librdkafka answers "fatal error", "erroneous state" or
+            # "purged", and does not always tell the error callback why; a transactional call
+            # raises the fatal error itself (being fenced, say). The writer is failing anyway,
+            # so aborting the open transaction costs nothing.
+            self._vague = False
+            try:
+                self._producer.abort_transaction(_WHY_S)
+            except self._kafka.KafkaException as exc:
+                self._fail(exc.args[0])
+            self._read_reports()
         if self._fenced:
             raise JournalFenced(f"{self.topic}: another instance opened this journal as "
                                 f"{self.id!r} (same learner name); this one stops and writes "
@@ -358,11 +371,7 @@ class _Writer:
             self._refused(exc)
 
     def _refused(self, exc: Any) -> None:
-        """The producer refused a call. After a fatal error it answers only "erroneous
-        state": collect the reports first, which say why (being fenced, say)."""
-        with contextlib.suppress(Exception):
-            self._producer.poll(0)
-        self._read_reports()
+        """The producer refused a call: record why, and raise."""
         self._fail(exc.args[0])
         self._check()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -217,6 +218,15 @@ def test_a_second_writer_fences_the_first(open_journal: Callable[..., Journal],
     second.append(Start(config_hash="3" * 64))
     second.sync()
     assert [(e.seq, e.config_hash) for e in second.read()] == [(0, "0" * 64), (1, "3" * 64)]
+
+    # a fenced writer that only appends (no sync) learns it from a later append, which says
+    # why (not a bare "fatal error"), however the refusal reaches it
+    third = open_journal(journal_name, writer="learner")
+    deadline = time.monotonic() + 30
+    with pytest.raises(JournalFenced, match="another instance"):
+        while time.monotonic() < deadline:
+            second.append(Start(config_hash="4" * 64))
+    third.sync()
 
 
 def test_appends_do_not_wait_and_a_sync_waits_for_a_stalled_broker() -> None:
