@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
+import socket
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from streamcl.learner import Applied, Learner, Rebuilt, Step, rebuild
@@ -68,6 +71,16 @@ E = TypeVar("E", bound=Entry)
 def wants_task_cuts(config: TrainerConfig) -> bool:
     """Whether the boundary spec includes the ``task`` trigger (batches must not straddle it)."""
     return "task" in {part.strip().split(":")[0] for part in config.boundaries.split(",")}
+
+
+@dataclass
+class _Progress:
+    """How far a recovery got: where the journal ended when it began, what it re-published,
+    when it began training (the consumer process was up)."""
+
+    end: int
+    republished: int = 0
+    started: float | None = None
 
 
 class TrainerService:
@@ -118,6 +131,7 @@ class TrainerService:
         self._since_snapshot = 0
         self._last_snapshot_t = time.monotonic()
         self._snapshot_seq = -1    # covers_seq of the last snapshot written or loaded
+        self._progress = _Progress(end=0)  # of the last recovery
 
     def _consumer(self, bootstrap: str, group_id: str, prefetch: bool,
                   client_config: dict[str, Any] | None, session_timeout_ms: int
@@ -151,19 +165,9 @@ class TrainerService:
         journaled batch; journal a ``start`` entry. Publications in the replayed journal that
         the registry lacks (a crash in between) are published now, from the replayed state."""
         t0 = time.monotonic()
-        first_read: list[float] = []   # when replay began training (the consumer is up)
-        republished, rebuilt_seq = [0], [-1]
-        end = self.journal.next_seq
-
-        def on_entry(entry: Entry, learner: Learner) -> None:
-            first_read[:] = first_read or [time.monotonic()]
-            if isinstance(entry, Verdict) and self.publisher is not None:
-                republished[0] += self._replay_verdict(entry, learner)
-            self.metrics.set_journal(max(0, end - 1 - entry.seq), entry.seq - rebuilt_seq[0])
-
+        self._progress = _Progress(end=self.journal.next_seq)
         rebuilt = rebuild(self.journal, self.consumer, self.config, self.holdout_spec,
-                          self.snapshots, on_entry=on_entry,
-                          on_start=lambda r: self._restore(r, rebuilt_seq))
+                          self.snapshots, on_start=self._restore, on_entry=self._replayed)
         self.learner, self.offsets = rebuilt.learner, rebuilt.offsets
         self._snapshot_seq = rebuilt.snapshot_seq
         self.newest_ts_ms = max(self.newest_ts_ms or 0, rebuilt.newest_ts_ms or 0) or None
@@ -171,15 +175,17 @@ class TrainerService:
             self.publisher.load_production()
             self._show_production()
         self._seek_live()
-        self._append(Start(config_hash=config_hash(self.config.to_json()),
+        self._append(Start(config_hash=config_hash(self.config.to_json()), pid=os.getpid(),
+                           host=socket.gethostname(),
                            trainer_config=self.config.to_json(), encoding=self.encoding,
                            topic=self.topic, snapshot_seq=rebuilt.snapshot_seq,
                            replayed=rebuilt.replayed, holdout=self.holdout_spec))
         summary = {"snapshot_seq": None if rebuilt.snapshot_seq < 0 else rebuilt.snapshot_seq,
-                   "replayed": rebuilt.replayed, "republished": republished[0],
+                   "replayed": rebuilt.replayed, "republished": self._progress.republished,
                    "position": self.trainer.position, "offsets": dict(self.offsets),
                    "seconds": time.monotonic() - t0,
-                   "replay_seconds": time.monotonic() - (first_read or [time.monotonic()])[0]}
+                   "replay_seconds": time.monotonic() - (self._progress.started or
+                                                         time.monotonic())}
         self.metrics.set_experience(self.learner.experience)
         self.metrics.set_journal(0, self.journal.next_seq - 1 - self._snapshot_seq)
         self.metrics.set_ready(True)
@@ -187,10 +193,10 @@ class TrainerService:
         log.info("recovered %s: %s", self.name, summary)
         return summary
 
-    def _restore(self, rebuilt: Rebuilt, seq: list[int]) -> None:
+    def _restore(self, rebuilt: Rebuilt) -> None:
         """What the snapshot kept beside the learner: the publisher's state, the newest sample
         time. (A snapshot from before the publisher kept its state: its verdicts are re-read.)"""
-        seq[0] = rebuilt.snapshot_seq
+        self._snapshot_seq = rebuilt.snapshot_seq
         stream = rebuilt.snapshot_extra.get("stream", {})
         self.newest_ts_ms = stream.get("newest_ts_ms")
         if self.publisher is None:
@@ -201,6 +207,16 @@ class TrainerService:
             for entry in self.journal.read(to_seq=rebuilt.snapshot_seq):
                 if isinstance(entry, Verdict):
                     self.publisher.restore(entry)
+
+    def _replayed(self, entry: Entry, learner: Learner) -> None:
+        """An entry re-applied during recovery: verdicts restore the publisher (and publish
+        what the registry lacks); the journal-lag metrics follow the progress."""
+        progress = self._progress
+        progress.started = progress.started or time.monotonic()
+        if isinstance(entry, Verdict) and self.publisher is not None:
+            progress.republished += self._replay_verdict(entry, learner)
+        self.metrics.set_journal(max(0, progress.end - 1 - entry.seq),
+                                 entry.seq - self._snapshot_seq)
 
     def _replay_verdict(self, entry: Verdict, learner: Learner) -> int:
         """A journaled verdict met during recovery; 1 if its version had to be published."""

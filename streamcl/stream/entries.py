@@ -24,10 +24,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import socket
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from streamcl.metrics.continual import AccuracyMatrix
@@ -83,27 +81,31 @@ class Entry:
     """
 
     type: ClassVar[str] = ""
+    #: fields that are not JSON as they are: field name -> (to JSON, from JSON)
+    codecs: ClassVar[dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]]] = {}
     seq: int = -1
     ts: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.type, "format": FORMAT}
         for f in dataclasses.fields(self):
-            out[f.name] = self._field_json(f.name, getattr(self, f.name))
+            value = getattr(self, f.name)
+            if value is not None and f.name in self.codecs:
+                value = self.codecs[f.name][0](value)
+            out[f.name] = value
         return out
-
-    def _field_json(self, name: str, value: Any) -> Any:
-        return value
-
-    @classmethod
-    def _from_fields(cls, data: Mapping[str, Any]) -> dict[str, Any]:
-        """The constructor's keyword arguments from a JSON object (unknown keys dropped)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return {k: v for k, v in data.items() if k in names}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Entry:
-        return cls(**cls._from_fields(data))
+        """The entry of a JSON object (unknown keys dropped, missing ones defaulted)."""
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                value = data[f.name]
+                if value is not None and f.name in cls.codecs:
+                    value = cls.codecs[f.name][1](value)
+                kw[f.name] = value
+        return cls(**kw)
 
     def numbered(self, seq: int, ts: float) -> Entry:
         """This entry as appended: at ``seq``, at ``ts`` (unless it already has a ``ts``)."""
@@ -128,28 +130,18 @@ class Start(Entry):
     """
 
     type: ClassVar[str] = "start"
+    codecs: ClassVar = {"holdout": (dataclasses.asdict,
+                                    lambda d: HoldoutSpec(fraction=d["fraction"],
+                                                          size=d["size"], seed=d["seed"]))}
     config_hash: str
-    pid: int | None = field(default_factory=os.getpid)   # the writer's (None: not recorded)
-    host: str | None = field(default_factory=socket.gethostname)
+    pid: int | None = None          # the writing process (None: not recorded)
+    host: str | None = None
     trainer_config: dict[str, Any] | None = None
     encoding: str | None = None
     topic: str | None = None
     snapshot_seq: int = -1
     replayed: int = 0
     holdout: HoldoutSpec | None = None
-
-    def _field_json(self, name: str, value: Any) -> Any:
-        if name == "holdout" and value is not None:
-            return dataclasses.asdict(value)
-        return value
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Start:
-        kw = {"pid": None, "host": None, **cls._from_fields(data)}
-        if kw.get("holdout") is not None:
-            kw["holdout"] = HoldoutSpec(**{k: kw["holdout"][k] for k in ("fraction", "size",
-                                                                        "seed")})
-        return cls(**kw)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,19 +151,11 @@ class Batch(Entry):
     messages (which a replay checks the re-read batch against)."""
 
     type: ClassVar[str] = "batch"
+    codecs: ClassVar = {"ranges": (ranges_to_json, ranges_from_json)}
     ranges: dict[int, tuple[int, int]]
     plan: dict[str, Any]
     samples: int
     rejected: int = 0
-
-    def _field_json(self, name: str, value: Any) -> Any:
-        return ranges_to_json(value) if name == "ranges" else value
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Batch:
-        kw = cls._from_fields(data)
-        kw["ranges"] = ranges_from_json(kw["ranges"])
-        return cls(**kw)
 
     @property
     def next_offsets(self) -> dict[int, int]:
@@ -185,19 +169,11 @@ class Snapshot(Entry):
     and the next input offset per partition."""
 
     type: ClassVar[str] = "snapshot"
+    codecs: ClassVar = {"offsets": (offsets_to_json, offsets_from_json)}
     path: str
     sha256: str
     covers_seq: int
     offsets: dict[int, int]
-
-    def _field_json(self, name: str, value: Any) -> Any:
-        return offsets_to_json(value) if name == "offsets" else value
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Snapshot:
-        kw = cls._from_fields(data)
-        kw["offsets"] = offsets_from_json(kw["offsets"])
-        return cls(**kw)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,21 +237,13 @@ class Gate:
 class Verdict(Entry):
     """What the publication gate decided at ``position`` (samples trained), and why."""
 
+    codecs: ClassVar = {"metrics": (Evaluation.to_json, Evaluation.from_json),
+                        "gate": (Gate.to_json, Gate.from_json)}
     position: int
     trigger: str
     metrics: Evaluation
     gate: Gate
     newest_sample_ts_ms: int | None = None
-
-    def _field_json(self, name: str, value: Any) -> Any:
-        return value.to_json() if name in ("metrics", "gate") else value
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Verdict:
-        kw = cls._from_fields(data)
-        kw["metrics"] = Evaluation.from_json(kw["metrics"])
-        kw["gate"] = Gate.from_json(kw["gate"])
-        return cls(**kw)
 
 
 @dataclass(frozen=True, kw_only=True)
