@@ -3,8 +3,10 @@
 Everything the page shows is read back from what the service already records: the event
 journal (batches with their boundary decisions, ``publish`` and ``reject`` entries with the
 gate's verdict and the candidate's metrics) and the model registry's manifests and aliases.
-:class:`ReportData` holds them as plain JSON-like dicts, so a report can be built (and tested)
-from a journal dump without a broker, a registry or a trained model.
+:class:`ReportData` holds the entries as the journal's typed values
+(:mod:`streamcl.stream.entries`, so a dump of JSON objects reads exactly as the journal does)
+and the manifests as the registry's JSON: a report can be built (and tested) from a journal dump
+without a broker, a registry or a trained model.
 
 :func:`write_report` writes ``report.html`` and three charts, ``accuracy.png`` (prequential
 and holdout accuracy against the stream position, with the experience boundaries),
@@ -30,14 +32,23 @@ import math
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from streamcl.metrics.continual import average_accuracy, backward_transfer, forgetting
-from streamcl.stream.entries import Entry, entry_from_json
+from streamcl.metrics.continual import AccuracyMatrix
+from streamcl.stream.entries import (
+    Batch,
+    Entry,
+    Evaluation,
+    Gate,
+    Publish,
+    Reject,
+    Verdict,
+    entry_from_json,
+)
 
 #: Colours of the experience boundaries by trigger (README "Experience boundaries").
 TRIGGER_COLOURS: dict[str, str] = {
@@ -53,11 +64,12 @@ _DASH = "—"
 
 
 class RegistryLike(Protocol):
-    """What :func:`load_report_data` needs from a model registry (duck-typed)."""
+    """What :func:`load_report_data` needs from a model registry
+    (:class:`~streamcl.registry.registry.ModelRegistry`)."""
 
-    def versions(self) -> Iterable[Any]: ...
+    def versions(self) -> list[int]: ...
 
-    def manifest(self, version: int) -> Any: ...
+    def manifest(self, version: int) -> dict[str, Any]: ...
 
     def alias(self, name: str) -> int | None: ...
 
@@ -65,13 +77,13 @@ class RegistryLike(Protocol):
 # -- the data -------------------------------------------------------------------------------------
 @dataclass
 class ReportData:
-    """Journal entries (in seq order), registry manifests and aliases, as plain dicts.
+    """Journal entries (in seq order), registry manifests and aliases.
 
     The derived views (boundaries, publications, ...) are computed from ``entries`` on access,
-    so the journal stays the one source of truth and a test can build a report from literals.
+    so the journal stays the one source of truth.
     """
 
-    entries: list[dict[str, Any]] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
     versions: list[dict[str, Any]] = field(default_factory=list)
     aliases: dict[str, int] = field(default_factory=dict)
 
@@ -79,131 +91,105 @@ class ReportData:
     def from_sources(cls, entries: Iterable[Entry | Mapping[str, Any]],
                      manifests: Iterable[Mapping[str, Any]],
                      aliases: Mapping[str, int | None]) -> ReportData:
-        """Copy the inputs; manifests are ordered by version, unset aliases dropped. Entries go
-        through their types (:mod:`streamcl.stream.entries`): a JSON object is read as the
-        journal reads it, so a report of an old log shows what its entries mean today."""
-        versions = sorted((dict(m) for m in manifests), key=lambda m: int(m.get("version", 0)))
-        typed = (e if isinstance(e, Entry) else entry_from_json(e) for e in entries)
-        return cls(entries=[e.to_json() for e in typed], versions=versions,
+        """Entries as typed values (a JSON object is read as the journal reads it, so a report
+        of an old log shows what its entries mean today); manifests ordered by version; unset
+        aliases dropped."""
+        versions = sorted((dict(m) for m in manifests), key=lambda m: int(m["version"]))
+        return cls(entries=[e if isinstance(e, Entry) else entry_from_json(e) for e in entries],
+                   versions=versions,
                    aliases={str(k): int(v) for k, v in aliases.items() if v is not None})
 
     # derived views
     @property
-    def batches(self) -> list[dict[str, Any]]:
-        return [e for e in self.entries if e.get("type") == "batch"]
+    def batches(self) -> list[Batch]:
+        return [e for e in self.entries if isinstance(e, Batch)]
 
     @property
     def boundaries(self) -> list[dict[str, Any]]:
-        """The boundary decisions of the journaled batches, in stream order."""
-        out = []
-        for batch in self.batches:
-            boundary = (batch.get("plan") or {}).get("boundary")
-            if isinstance(boundary, Mapping):
-                out.append(dict(boundary))
-        return out
+        """The boundary decisions of the journaled batches (``Boundary.to_json()``), in stream
+        order."""
+        return [b.plan["boundary"] for b in self.batches if b.plan.get("boundary")]
 
     @property
-    def publications(self) -> list[dict[str, Any]]:
-        return [e for e in self.entries if e.get("type") == "publish"]
+    def publications(self) -> list[Publish]:
+        return [e for e in self.entries if isinstance(e, Publish)]
 
     @property
-    def rejections(self) -> list[dict[str, Any]]:
-        return [e for e in self.entries if e.get("type") == "reject"]
+    def rejections(self) -> list[Reject]:
+        return [e for e in self.entries if isinstance(e, Reject)]
+
+    @property
+    def verdicts(self) -> list[Verdict]:
+        """Publications and rejections, in stream order."""
+        return sorted((e for e in self.entries if isinstance(e, Verdict)),
+                      key=lambda e: e.position)
 
     @property
     def samples(self) -> int:
-        """Samples trained: the end of the furthest batch plan (sum of ``samples`` if no plan)."""
-        ends = [int(p["position"]) + int(p.get("size", 0)) for b in self.batches
-                if isinstance(p := b.get("plan"), Mapping) and "position" in p]
-        if ends:
-            return max(ends)
-        return sum(int(b.get("samples", 0)) for b in self.batches)
+        """Samples trained: the end of the furthest batch plan."""
+        return max((b.plan["position"] + b.plan["size"] for b in self.batches if b.plan),
+                   default=0)
 
     @property
     def experiences(self) -> int:
         """Experiences opened so far: experience 0 once a sample arrived, one per boundary."""
-        ids = [int(b["experience"]) for b in self.boundaries if "experience" in b]
-        if ids:
-            return max(ids) + 1
         if self.boundaries:
-            return len(self.boundaries) + 1
+            return max(b["experience"] for b in self.boundaries) + 1
         return 1 if self.samples > 0 else 0
 
     @property
     def boundary_counts(self) -> dict[str, int]:
-        return dict(Counter(str(b.get("trigger", "?")) for b in self.boundaries))
+        return dict(Counter(b["trigger"] for b in self.boundaries))
 
-    def headline_sources(self) -> list[tuple[str, Mapping[str, Any]]]:
+    def headline_sources(self) -> list[tuple[str, Evaluation]]:
         """Where the "current" metrics come from, best first, each with a caption.
 
         The serving model is what a reader cares about: the production alias's version (its
         publication, else its manifest), then the latest publication, then the latest rejected
         candidate (a stream whose every candidate was rejected still has numbers to show).
         """
-        out: list[tuple[str, Mapping[str, Any]]] = []
+        out: list[tuple[str, Evaluation]] = []
         prod = self.aliases.get("production")
         if prod is not None:
             for pub in reversed(self.publications):
-                if pub.get("version") == prod and isinstance(pub.get("metrics"), Mapping):
+                if pub.version == prod:
                     out.append((f"production version {prod} (published at position "
-                                f"{pub.get('position', '?')})", pub["metrics"]))
+                                f"{pub.position})", pub.metrics))
                     break
             for m in self.versions:
-                if m.get("version") == prod and isinstance(m.get("metrics"), Mapping):
-                    out.append((f"production version {prod} (registry manifest)", m["metrics"]))
-        for pub in reversed(self.publications):
-            if isinstance(pub.get("metrics"), Mapping):
-                out.append((f"latest publication, version {pub.get('version', '?')} at position "
-                            f"{pub.get('position', '?')}", pub["metrics"]))
-                break
-        for rej in reversed(self.rejections):
-            if isinstance(rej.get("metrics"), Mapping):
-                out.append((f"latest rejected candidate, at position {rej.get('position', '?')}",
-                            rej["metrics"]))
-                break
+                if m["version"] == prod and m.get("metrics"):
+                    out.append((f"production version {prod} (registry manifest)",
+                                Evaluation.from_json(m["metrics"])))
+        if self.publications:
+            pub = self.publications[-1]
+            out.append((f"latest publication, version {pub.version} at position "
+                        f"{pub.position}", pub.metrics))
+        if self.rejections:
+            rej = self.rejections[-1]
+            out.append((f"latest rejected candidate, at position {rej.position}", rej.metrics))
         return out
 
     def headline_metric(self, key: str) -> tuple[Any, str] | None:
-        """``(value, caption)`` of ``key`` from the first :meth:`headline_sources` that has it."""
+        """``(value, caption)`` of ``key`` (an :class:`Evaluation` field) from the first
+        :meth:`headline_sources` that has it (an empty matrix counts as none)."""
         for caption, metrics in self.headline_sources():
-            if metrics.get(key) is not None:
-                return metrics[key], caption
+            value = getattr(metrics, key)
+            if value is not None and not (isinstance(value, AccuracyMatrix) and not value.rows):
+                return value, caption
         return None
-
-
-def _as_dict(obj: Any) -> dict[str, Any]:
-    """A manifest as a dict, whether the registry hands out dicts, dataclasses or models."""
-    if isinstance(obj, Mapping):
-        return dict(obj)
-    for method in ("to_json", "model_dump", "to_dict"):
-        if callable(getattr(obj, method, None)):
-            return dict(getattr(obj, method)())
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return asdict(obj)
-    raise TypeError(f"cannot read a manifest from {type(obj).__name__}")
 
 
 def load_report_data(journal_entries: Iterable[Entry | Mapping[str, Any]],
                      registry: RegistryLike | None = None) -> ReportData:
     """Gather a report's data from journal entries and (optionally) a model registry.
 
-    ``registry`` needs ``versions()`` (version numbers, or manifests), ``manifest(v)`` and
-    ``alias(name)`` (a version, or ``None`` / ``KeyError`` when unset). Without a registry the
-    version table is rebuilt from the journal's ``publish`` entries alone.
+    Without a registry the version table is rebuilt from the journal's ``publish`` entries.
     """
     manifests: list[dict[str, Any]] = []
     aliases: dict[str, int | None] = {}
     if registry is not None:
-        for item in registry.versions():
-            if isinstance(item, int):
-                manifests.append(_as_dict(registry.manifest(item)))
-            else:
-                manifests.append(_as_dict(item))
-        for name in ALIASES:
-            try:
-                aliases[name] = registry.alias(name)
-            except (KeyError, LookupError, FileNotFoundError):
-                aliases[name] = None
+        manifests = [registry.manifest(v) for v in registry.versions()]
+        aliases = {name: registry.alias(name) for name in ALIASES}
     return ReportData.from_sources(journal_entries, manifests, aliases)
 
 
@@ -229,54 +215,24 @@ def _when(ts: Any) -> str:
         return _DASH
 
 
-def _float(value: Any) -> float | None:
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(f) else f
+def matrix_array(matrix: AccuracyMatrix) -> tuple[np.ndarray, list[int], list[int]]:
+    """An accuracy matrix as a dense float array (NaN where undefined), row and column ids.
 
+    Rows are the experiences that have a row (one with no defined cell yet is still a row:
+    the experience was trained); columns the experiences that have a cell.
 
-def matrix_array(matrix: Any) -> tuple[np.ndarray, list[int], list[int]]:
-    """An accuracy matrix as a dense float array (NaN where missing), row and column ids.
-
-    Takes the journal's ``{"<row exp>": {"<col exp>": acc}}`` or :mod:`streamcl.metrics.continual`'s
-    list of rows (``None`` where undefined).
-
-    >>> a, rows, cols = matrix_array({"0": {"0": 0.9}, "1": {"0": 0.5, "1": 0.8}})
+    >>> a, rows, cols = matrix_array(AccuracyMatrix({0: {0: 0.9}, 1: {0: 0.5, 1: 0.8}}))
     >>> rows, cols, a.tolist()
     ([0, 1], [0, 1], [[0.9, nan], [0.5, 0.8]])
     """
-    cells: dict[tuple[int, int], float] = {}
-    if isinstance(matrix, Mapping):
-        for r, row in matrix.items():
-            if isinstance(row, Mapping):
-                for c, v in row.items():
-                    cells[int(r), int(c)] = math.nan if (f := _float(v)) is None else f
-    elif isinstance(matrix, Sequence):
-        for r, row in enumerate(matrix):
-            for c, v in enumerate(row or ()):
-                cells[r, c] = math.nan if (f := _float(v)) is None else f
-    # A row with no defined cell yet is still a row: the experience was trained.
-    declared = ({int(k) for k in matrix} if isinstance(matrix, Mapping)
-                else set(range(len(matrix or ()))))
-    rows = sorted({r for r, _ in cells} | declared)
-    cols = sorted({c for _, c in cells})
+    rows = matrix.row_ids
+    cols = sorted({c for row in matrix.rows.values() for c in row})
     out = np.full((len(rows), len(cols)), np.nan)
-    for (r, c), v in cells.items():
-        out[rows.index(r), cols.index(c)] = v
-    return out, rows, cols
-
-
-def _matrix_rows(a: np.ndarray, rows: list[int], cols: list[int]) -> list[list[float | None]]:
-    """The dense list-of-rows form :mod:`streamcl.metrics.continual` computes on (0..n-1)."""
-    n = max([*rows, *cols], default=-1) + 1
-    out: list[list[float | None]] = [[None] * n for _ in range(n)]
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
-            if not math.isnan(a[i, j]):
-                out[r][c] = float(a[i, j])
-    return out
+            if (v := matrix.rows[r].get(c)) is not None:
+                out[i, j] = v
+    return out, rows, cols
 
 
 # -- charts ---------------------------------------------------------------------------------------
@@ -296,18 +252,10 @@ def _figure(width: float, height: float) -> Any:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _position(entry: Mapping[str, Any]) -> int:
-    """An entry's stream position (0 when the writer left it out)."""
-    value = entry.get("position")
-    return 0 if value is None else int(value)
-
-
-def _candidate_accuracy(entry: Mapping[str, Any]) -> float | None:
+def _candidate_accuracy(entry: Verdict) -> float | None:
     """A gated candidate's holdout accuracy: from its metrics, else the gate's own number."""
-    metrics = entry.get("metrics") if isinstance(entry.get("metrics"), Mapping) else {}
-    gate = entry.get("gate") if isinstance(entry.get("gate"), Mapping) else {}
-    acc = _float(metrics.get("holdout_accuracy"))
-    return acc if acc is not None else _float(gate.get("candidate"))
+    acc = entry.metrics.holdout_accuracy
+    return acc if acc is not None else entry.gate.candidate
 
 
 def _empty_note(ax: Any, text: str) -> None:
@@ -321,13 +269,13 @@ def accuracy_chart(data: ReportData) -> bytes:
 
     fig = _figure(10, 4.5)
     ax = fig.add_subplot()
-    evals = sorted(data.publications + data.rejections, key=_position)
+    evals = data.verdicts
     handles: list[Any] = []
     for key, label, colour in (("prequential_accuracy", "prequential accuracy (windowed)",
                                 "#1f77b4"),
                                ("holdout_accuracy", "holdout accuracy (candidate)", "#ff7f0e")):
-        pts = [(_position(e), v, e.get("type") == "reject") for e in evals
-               if (v := _float((e.get("metrics") or {}).get(key))) is not None]
+        pts = [(e.position, v, isinstance(e, Reject)) for e in evals
+               if (v := getattr(e.metrics, key)) is not None]
         if not pts:
             continue
         xs, ys, rejected = zip(*pts, strict=True)
@@ -338,14 +286,13 @@ def accuracy_chart(data: ReportData) -> bytes:
         if rx:
             ax.scatter(rx, ry, marker="X", s=90, color="#d62728", edgecolors="black",
                        linewidths=0.6, zorder=5)
-    if any(e.get("type") == "reject" for e in evals):
+    if data.rejections:
         handles.append(Line2D([], [], linestyle="none", marker="X", markersize=9,
                               color="#d62728", markeredgecolor="black",
                               label="rejected by the gate"))
     by_trigger: dict[str, list[int]] = {}
     for b in data.boundaries:
-        if "index" in b:
-            by_trigger.setdefault(str(b.get("trigger", "?")), []).append(int(b["index"]))
+        by_trigger.setdefault(b["trigger"], []).append(b["index"])
     for trigger, xs_b in by_trigger.items():
         colour = TRIGGER_COLOURS.get(trigger, _OTHER_COLOUR)
         ax.vlines(xs_b, 0, 1, transform=ax.get_xaxis_transform(), colors=colour,
@@ -355,7 +302,7 @@ def accuracy_chart(data: ReportData) -> bytes:
     ax.set_xlabel("samples trained (stream position)")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1.02)
-    right = max([data.samples, *[_position(e) for e in evals],
+    right = max([data.samples, *[e.position for e in evals],
                  *[x for xs_b in by_trigger.values() for x in xs_b]], default=0)
     ax.set_xlim(0, max(right, 1))
     ax.grid(alpha=0.3)
@@ -367,15 +314,15 @@ def accuracy_chart(data: ReportData) -> bytes:
     return _png(fig)
 
 
-def matrix_chart(matrix: Any, caption: str = "") -> bytes:
+def matrix_chart(matrix: AccuracyMatrix | None, caption: str = "") -> bytes:
     """:func:`matrix_figure` as PNG bytes."""
     return _png(matrix_figure(matrix, caption))
 
 
-def matrix_figure(matrix: Any, caption: str = "") -> Any:
+def matrix_figure(matrix: AccuracyMatrix | None, caption: str = "") -> Any:
     """The accuracy matrix as a heat map, each defined cell labelled with its value.
 
-    Undefined cells (``None``, NaN, absent) are left white and unlabelled: a 0 there would
+    Undefined cells are left white and unlabelled: a 0 there would
     read as total forgetting. Returned as a :class:`~matplotlib.figure.Figure` so the labels
     can be checked without decoding pixels.
     """
@@ -434,7 +381,7 @@ def versions_chart(data: ReportData, rows: list[dict[str, Any]]) -> bytes:
                    zorder=4)
         handles.append(Line2D([], [], linestyle="none", marker="*", markersize=14,
                               color="#ffbf00", markeredgecolor="black", label="production"))
-    rej = [(_position(e), y) for e in data.rejections
+    rej = [(e.position, y) for e in data.rejections
            if (y := _candidate_accuracy(e)) is not None]
     if rej:
         ax.scatter(*zip(*rej, strict=True), marker="X", s=70, color="#d62728",
@@ -496,13 +443,13 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]], numeric: set[i
     return f"<table{cls}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody></table>"
 
 
-def _gate_text(gate: Mapping[str, Any] | None, trigger: Any = None) -> str:
-    if not isinstance(gate, Mapping):
+def _gate_text(gate: Gate | None, trigger: str | None = None) -> str:
+    if gate is None:
         return _DASH
-    parts = [f"<strong>{_esc(gate.get('decision', '?'))}</strong>"]
-    detail = f"candidate {_num(gate.get('candidate'))} vs production {_num(gate.get('production'))}"
-    if gate.get("tolerance") is not None:
-        detail += f", tolerance {_num(gate.get('tolerance'))}"
+    parts = [f"<strong>{_esc(gate.decision)}</strong>"]
+    detail = f"candidate {_num(gate.candidate)} vs production {_num(gate.production)}"
+    if gate.tolerance is not None:
+        detail += f", tolerance {_num(gate.tolerance)}"
     parts.append(detail)
     if trigger is not None:
         parts.append(f"trigger {_esc(trigger)}")
@@ -511,26 +458,23 @@ def _gate_text(gate: Mapping[str, Any] | None, trigger: Any = None) -> str:
 
 def version_rows(data: ReportData) -> list[dict[str, Any]]:
     """One row per version: the registry's manifests, plus versions only the journal knows."""
-    pubs = {p.get("version"): p for p in data.publications if p.get("version") is not None}
+    pubs = {p.version: p for p in data.publications}
     by_alias: dict[int, list[str]] = {}
     for name, v in sorted(data.aliases.items()):
         by_alias.setdefault(v, []).append(name)
-    manifests = {m.get("version"): m for m in data.versions}
+    manifests = {m["version"]: m for m in data.versions}
     rows = []
-    for v in sorted(set(manifests) | set(pubs), key=lambda v: (v is None, v)):
-        m, p = manifests.get(v, {}), pubs.get(v, {})
-        metrics = m.get("metrics") if isinstance(m.get("metrics"), Mapping) else {}
-        pmetrics = p.get("metrics") if isinstance(p.get("metrics"), Mapping) else {}
-        holdout = _float(metrics.get("holdout_accuracy"))
-        if holdout is None:
-            holdout = _float(pmetrics.get("holdout_accuracy"))
-        position = m.get("position", p.get("position"))
+    for v in sorted(set(manifests) | set(pubs)):
+        m, p = manifests.get(v, {}), pubs.get(v)
+        holdout = (m.get("metrics") or {}).get("holdout_accuracy")
+        if holdout is None and p is not None:
+            holdout = p.metrics.holdout_accuracy
         rows.append({"version": v, "parent": m.get("parent"),
-                     "created": m.get("created_at", p.get("ts")),
-                     "position": None if position is None else int(position),
+                     "created": m.get("created_at", p.ts if p else None),
+                     "position": m.get("position", p.position if p else None),
                      "holdout": holdout, "aliases": by_alias.get(v, []),
-                     "strategy": m.get("strategy"), "gate": p.get("gate"),
-                     "trigger": p.get("trigger")})
+                     "strategy": m.get("strategy"), "gate": p.gate if p else None,
+                     "trigger": p.trigger if p else None})
     return rows
 
 
@@ -549,16 +493,15 @@ def _summary(data: ReportData) -> str:
     for name in ALIASES:
         if name in data.aliases:
             items.append((f"{name} version", str(data.aliases[name])))
-    # The service may omit the scalar summaries; they follow from the matrix when it is there.
+    # The scalar summaries are None where undefined; they follow from the matrix when it is
+    # there (a matrix from another source than the headline's).
     derived: dict[str, float] = {}
     derived_from = ""
     if (matrix_src := data.headline_metric("accuracy_matrix")) is not None:
-        a, rows, cols = matrix_array(matrix_src[0])
-        if a.size:
-            full = _matrix_rows(a, rows, cols)
-            derived = {"average_accuracy": average_accuracy(full), "forgetting": forgetting(full),
-                       "backward_transfer": backward_transfer(full)}
-            derived_from = matrix_src[1]
+        matrix, derived_from = matrix_src
+        derived = {"average_accuracy": matrix.average_accuracy(),
+                   "forgetting": matrix.forgetting(),
+                   "backward_transfer": matrix.backward_transfer()}
     for key, label in (("prequential_accuracy", "prequential accuracy"),
                        ("holdout_accuracy", "holdout accuracy"),
                        ("average_accuracy", "average accuracy"),
@@ -583,8 +526,8 @@ def _boundaries_section(data: ReportData) -> str:
         f'<span><span class="swatch" style="background:'
         f'{TRIGGER_COLOURS.get(t, _OTHER_COLOUR)}"></span>{_esc(t)}</span>'
         for t in sorted(data.boundary_counts))
-    rows = [(_esc(b.get("experience", _DASH)), _esc(b.get("index", _DASH)),
-             _esc(b.get("trigger", "?")), _num(b.get("statistic"), 4))
+    rows = [(_esc(b["experience"]), _esc(b["index"]), _esc(b["trigger"]),
+             _num(b.get("statistic"), 4))
             for b in data.boundaries]
     return (f'<p class="caption">Colours in the chart: {legend}</p>\n'
             + _table(["experience", "starts at sample", "trigger", "detector statistic"], rows,
@@ -609,14 +552,9 @@ def _rejections_section(data: ReportData) -> str:
         return '<p class="empty">No gate rejections.</p>'
     cells = []
     for e in data.rejections:
-        gate = e.get("gate") if isinstance(e.get("gate"), Mapping) else {}
-        position = e.get("position")
-        cells.append((_esc(e.get("seq", _DASH)),
-                      _DASH if position is None else f"{int(position):,}",
-                      _esc(e.get("trigger", _DASH)), _when(e.get("ts")),
-                      _num(_candidate_accuracy(e)),
-                      _num(gate.get("production")), _num(gate.get("tolerance")),
-                      _esc(e.get("reason", _DASH))))
+        cells.append((_esc(e.seq), f"{e.position:,}", _esc(e.trigger), _when(e.ts),
+                      _num(_candidate_accuracy(e)), _num(e.gate.production),
+                      _num(e.gate.tolerance), _esc(e.reason)))
     return _table(["seq", "position", "trigger", "time", "candidate acc", "production acc",
                    "tolerance", "reason"], cells, {0, 1, 4, 5, 6}, "rejections")
 
@@ -685,8 +623,6 @@ def write_report(data: ReportData, out_dir: Path, title: str = "streamcl report"
     out_dir.mkdir(parents=True, exist_ok=True)
     found = data.headline_metric("accuracy_matrix")
     matrix, caption = found if found is not None else (None, None)
-    if matrix is not None and matrix_array(matrix)[0].size == 0:
-        matrix, caption = None, None
     charts = {
         "accuracy.png": accuracy_chart(data),
         "accuracy_matrix.png": matrix_chart(matrix, caption or ""),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import re
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from streamcl.metrics.continual import AccuracyMatrix
 from streamcl.report import (
     ReportData,
     load_report_data,
@@ -160,11 +160,11 @@ def test_views_of_a_realistic_journal(full_data: ReportData) -> None:
     assert full_data.experiences == 4
     assert full_data.boundary_counts == {"new-class": 2, "drift": 1}
     assert [b["index"] for b in full_data.boundaries] == [1000, 2000, 3000]
-    assert [p["version"] for p in full_data.publications] == [1, 2, 3, 4, 5, 6]
-    assert [r["position"] for r in full_data.rejections] == [1200, 2200]
+    assert [p.version for p in full_data.publications] == [1, 2, 3, 4, 5, 6]
+    assert [r.position for r in full_data.rejections] == [1200, 2200]
     assert [m["version"] for m in full_data.versions] == [1, 2, 3, 4, 5, 6]  # sorted
     value, caption = full_data.headline_metric("average_accuracy")
-    assert value == full_data.publications[-1]["metrics"]["average_accuracy"]
+    assert value == full_data.publications[-1].metrics.average_accuracy
     assert "production version 6" in caption
 
 
@@ -176,34 +176,35 @@ def test_empty_data_views() -> None:
 
 def test_headline_prefers_production_over_a_later_rejection() -> None:
     """The summary describes the serving model, not the last (rejected) candidate."""
-    entries = [{"type": "publish", "seq": 0, "version": 1, "position": 100,
-                "metrics": {"average_accuracy": 0.8}},
+    gate = {"decision": "promoted", "tolerance": 0.02}
+    entries = [{"type": "publish", "seq": 0, "version": 1, "position": 100, "trigger": "samples",
+                "metrics": {"average_accuracy": 0.8}, "gate": gate},
                {"type": "reject", "seq": 1, "position": 200, "reason": "worse",
-                "metrics": {"average_accuracy": 0.3}}]
-    assert ReportData(entries=entries).headline_metric("average_accuracy")[0] == 0.8
-    only_rejected = ReportData(entries=entries[1:])
+                "trigger": "samples", "metrics": {"average_accuracy": 0.3},
+                "gate": {**gate, "decision": "rejected"}}]
+    assert (ReportData.from_sources(entries, [], {}).headline_metric("average_accuracy")[0]
+            == 0.8)
+    only_rejected = ReportData.from_sources(entries[1:], [], {})
     assert only_rejected.headline_metric("average_accuracy")[0] == 0.3
 
 
-def test_matrix_array_reads_both_layouts_with_gaps_as_nan() -> None:
-    a, rows, cols = matrix_array({"0": {"0": 0.9}, "2": {"0": 0.4, "2": 0.7}, "1": {}})
+def test_matrix_array_has_gaps_as_nan() -> None:
+    a, rows, cols = matrix_array(AccuracyMatrix.from_json(
+        {"0": {"0": 0.9}, "2": {"0": 0.4, "2": 0.7}, "1": {}}))
     assert rows == [0, 1, 2] and cols == [0, 2]
     assert a[0, 0] == 0.9 and a[2, 1] == 0.7
     assert np.isnan(a[0, 1]) and np.isnan(a[1]).all()
-    b, rows_b, cols_b = matrix_array([[0.9, None], [0.5, math.nan]])
-    assert rows_b == cols_b == [0, 1]
-    assert b[1, 0] == 0.5 and np.isnan(b[0, 1]) and np.isnan(b[1, 1])
 
 
 def test_matrix_heat_map_writes_numbers_only_in_defined_cells() -> None:
-    fig = matrix_figure({"0": {"0": 0.9, "1": None}, "1": {"0": 0.456, "1": 0.8}})
+    fig = matrix_figure(AccuracyMatrix({0: {0: 0.9}, 1: {0: 0.456, 1: 0.8}}))
     ax = fig.axes[0]
     labels = sorted(t.get_text() for t in ax.texts)
     assert labels == ["0.46", "0.80", "0.90"]  # the None cell stays blank
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1"]
 
 
-def test_load_report_data_from_a_duck_typed_registry() -> None:
+def test_load_report_data_from_a_registry() -> None:
     class Registry:
         def versions(self) -> list[int]:
             return [3, 1]
@@ -213,15 +214,13 @@ def test_load_report_data_from_a_duck_typed_registry() -> None:
                     "metrics": {}, "sha256": "x", "strategy": "er"}
 
         def alias(self, name: str) -> int:
-            if name == "candidate":
-                raise KeyError(name)
             return 3
 
     start = {"type": "start", "seq": 0, "config_hash": "0" * 64}
     data = load_report_data(iter([start]), Registry())
     assert [m["version"] for m in data.versions] == [1, 3]
     assert data.aliases == {"production": 3}
-    assert [(e["type"], e["seq"]) for e in data.entries] == [("start", 0)]
+    assert [(e.type, e.seq) for e in data.entries] == [("start", 0)]
     assert load_report_data([]).versions == []
 
 
@@ -287,9 +286,11 @@ def test_full_report_contents(full_report: Path) -> None:
 
 
 def test_summary_derives_continual_metrics_from_the_matrix(tmp_path: Path) -> None:
-    entries = [{"type": "publish", "seq": 0, "version": 1, "position": 10,
+    entries = [{"type": "publish", "seq": 0, "version": 1, "position": 10, "trigger": "samples",
+                "gate": {"decision": "promoted"},
                 "metrics": {"accuracy_matrix": {"0": {"0": 0.9}, "1": {"0": 0.5, "1": 0.8}}}}]
-    page = write_report(ReportData(entries=entries), tmp_path).read_text(encoding="utf-8")
+    page = write_report(ReportData.from_sources(entries, [], {}),
+                        tmp_path).read_text(encoding="utf-8")
     # GEM/RWalk on [[0.9, -], [0.5, 0.8]] (streamcl.metrics.continual's doctest)
     assert re.search(r"<th>average accuracy</th><td>0\.650 .*computed", page)
     assert re.search(r"<th>forgetting</th><td>0\.400 ", page)
