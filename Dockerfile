@@ -6,12 +6,13 @@
 #   PYTHON_IMAGE    the Python 3.11 base image (default python:3.11-slim-bookworm)
 #   TORCH_PIP_ARGS  where pip finds torch's CPU build (default PyTorch's CPU wheel index); for
 #                   a wheel folder served locally: --build-arg TORCH_PIP_ARGS="--find-links URL"
-#   docker run --rm -e STREAMCL_BOOTSTRAP_SERVERS=kafka:9092 -e STREAMCL_INPUT_SHAPE='[784]' \
-#       -p 9100:9100 -v streamcl-data:/data streamcl:latest
+#   docker run --rm -e STREAMCL_KAFKA__BOOTSTRAP_SERVERS=kafka:9092 \
+#       -e STREAMCL_LEARNER__INPUT_SHAPE='[784]' -p 9100:9100 -v streamcl-data:/data streamcl:latest
 #
-# `streamcl run` reads every setting from STREAMCL_<NAME> environment variables (see the
-# README's configuration reference); STREAMCL_INPUT_SHAPE has no default and must be given.
-# Without STREAMCL_BOOTSTRAP_SERVERS the embedded broker starts inside the container.
+# `streamcl run` reads every setting from STREAMCL_<SECTION>__<NAME> environment variables (see
+# the README's configuration reference); STREAMCL_LEARNER__INPUT_SHAPE has no default and must
+# be given. Without STREAMCL_KAFKA__BOOTSTRAP_SERVERS the embedded broker starts inside the
+# container.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
@@ -66,9 +67,9 @@ COPY --from=builder /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    STREAMCL_SNAPSHOT_DIR=/data/snapshots \
-    STREAMCL_REGISTRY=/data/registry \
-    STREAMCL_METRICS_PORT=9100
+    STREAMCL_SNAPSHOTS__DIR=/data/snapshots \
+    STREAMCL_PUBLICATION__REGISTRY=/data/registry \
+    STREAMCL_METRICS__PORT=9100
 
 WORKDIR /data
 USER 10001:10001
@@ -78,7 +79,7 @@ EXPOSE 9100
 # liveness: /healthz on the metrics port (python, since the slim image has no curl); an HTTP
 # error (503: the loop is wedged) or a refused connection exits non-zero
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('STREAMCL_METRICS_PORT', '9100') + '/healthz', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('STREAMCL_METRICS__PORT', '9100') + '/healthz', timeout=4)"]
 
 # SIGTERM drains: the batch in flight finishes, a snapshot is taken, offsets are committed
 STOPSIGNAL SIGTERM

@@ -5,15 +5,17 @@ encoding, one partition) is produced once, then measured in one run:
 
 (a) kafka-python alone: ``BatchConsumer`` consuming and decoding the topic in batches of 32;
 (b) the trainer alone: ``OnlineTrainer`` (naive) on the same batches, in memory;
-(c) end to end: ``TrainerService`` (consume -> decode -> journal (acked) -> train), naive, with
-    the consumer in its own process (the default) and, for comparison, in the trainer's process;
+(j) the journal alone: one ``batch`` entry per 32 samples, written behind and synced once;
+(c) end to end: ``TrainerService`` (consume -> decode -> journal (write-behind) -> train), naive,
+    with the consumer in its own process (the default) and, for comparison, in the trainer's
+    process;
 (d) recovery: a service stopped without a final snapshot (as after ``kill -9``) with one snapshot
     interval of journal after its last snapshot; a new service's time from start to its first
     live batch, and its replay rate against (c)'s live rate.
 
 Each phase also reports the CPU it used, in core-seconds per 10,000 samples, counting every process
 involved (this one, the prefetching consumer's process, the broker): on a machine with few cores
-the end-to-end rate is bounded by cores / (CPU per sample of (a) + (b) + journal), whatever the
+the end-to-end rate is bounded by cores / (CPU per sample of (a) + (b) + (j)), whatever the
 overlap.
 
 Rates exclude the consumer-group join (tansu joins after ~half the session timeout); the
@@ -39,6 +41,8 @@ from streamcl.data import fashion_mnist, split_stream
 from streamcl.service import TrainerService
 from streamcl.stream.broker import EmbeddedBroker
 from streamcl.stream.consumer import BatchConsumer
+from streamcl.stream.entries import Batch
+from streamcl.stream.journal import Journal, journal_topic, writer_id
 from streamcl.stream.messages import Decoder
 from streamcl.stream.producer import produce_stream
 from streamcl.trainer import OnlineTrainer, TrainerConfig
@@ -100,6 +104,20 @@ def train_alone(config: TrainerConfig, batches: list) -> tuple[float, float]:
         trainer.step(x, y)
     n = sum(len(y) for _, y in batches)
     return n / (time.perf_counter() - t0), meter.stop() / n
+
+
+def journal_alone(bootstrap: str, batches: int, meter: CpuMeter) -> float:
+    """CPU per batch entry of the journal alone (this process's librdkafka threads and the
+    broker): one entry per batch, written behind and synced once, as the service does."""
+    name = f"journal-{uuid.uuid4().hex[:6]}"
+    with Journal(bootstrap, journal_topic(name), writer=writer_id(name)) as journal:
+        plan = {"position": 0, "size": BATCH, "new_labels": [], "boundary": None}
+        meter.start()
+        for i in range(batches):
+            journal.append(Batch(ranges={0: (i * BATCH, i * BATCH + BATCH - 1)},
+                                 plan={**plan, "position": i * BATCH}, samples=BATCH))
+        journal.sync()
+        return meter.stop() / batches
 
 
 def service(config: TrainerConfig, bootstrap: str, topic: str, name: str, snapdir: str,
@@ -184,19 +202,22 @@ def main() -> int:
         train_rate, cpu_b = train_alone(config, batches)
         print(f"(b) trainer alone (naive), same batches:  {train_rate:,.0f} samples/s "
               f"({cpu_b * per10k:.2f} core-s per 10k samples)", flush=True)
+        cpu_j = journal_alone(broker.bootstrap, n // BATCH, CpuMeter(bpid)) / BATCH
+        print(f"(j) journal alone, one entry per batch: {cpu_j * per10k:.2f} core-s per 10k "
+              "samples (broker included)", flush=True)
         floor = min(consume_rate, train_rate)
         cores = len(os.sched_getaffinity(0))
-        print(f"    bound on this {cores}-core machine from CPU alone: cores / (a + b) = "
-              f"{cores / (cpu_a + cpu_b):,.0f} samples/s = "
-              f"{cores / (cpu_a + cpu_b) / floor:.0%} of min(a, b)", flush=True)
+        bound = cores / (cpu_a + cpu_b + cpu_j)
+        print(f"    bound on this {cores}-core machine from CPU alone: cores / (a + b + j) = "
+              f"{bound:,.0f} samples/s = {bound / floor:.0%} of min(a, b)", flush=True)
         torch.set_num_threads(args.service_threads)
         for prefetch in (True, False):
             rate, cpu_c = end_to_end(config, broker.bootstrap, topic, n, snapdir,
                                      args.snapshot_every, CpuMeter(bpid), prefetch)
             label = "consumer process" if prefetch else "consumer in-process"
             print(f"(c) end to end ({label}; consume, decode, journal, train): {rate:,.0f} "
-                  f"samples/s = {rate / floor:.0%} of min(a, b) ({cpu_c * per10k:.2f} core-s "
-                  f"per 10k samples)", flush=True)
+                  f"samples/s = {rate / floor:.0%} of min(a, b), {rate / bound:.0%} of the "
+                  f"bound ({cpu_c * per10k:.2f} core-s per 10k samples)", flush=True)
             if prefetch:
                 e2e_rate = rate
         rec = recovery(config, broker.bootstrap, topic, n, snapdir, args.snapshot_every)

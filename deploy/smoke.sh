@@ -223,10 +223,11 @@ else fail "broker container: no connection on $BROKER:9092"; fi
 start_trainer() {
     docker run -d --name "$TRAINER" --network "$NET" -p "127.0.0.1:$METRICS_PORT:9100" \
         -v "$VOLUME:/data" \
-        -e STREAMCL_BOOTSTRAP_SERVERS="$BROKER:9092" -e STREAMCL_TOPIC=samples \
-        -e STREAMCL_NAME=smoke -e STREAMCL_ENCODING=binary -e STREAMCL_INPUT_SHAPE='[64]' \
-        -e STREAMCL_HIDDEN='[64]' -e STREAMCL_PUBLISH_EVERY_SAMPLES=1000 \
-        -e STREAMCL_SNAPSHOT_EVERY_BATCHES=50 -e STREAMCL_TORCH_THREADS=1 "$IMAGE" run >/dev/null
+        -e STREAMCL_KAFKA__BOOTSTRAP_SERVERS="$BROKER:9092" -e STREAMCL_CONSUMER__TOPIC=samples \
+        -e STREAMCL_CONSUMER__ENCODING=binary -e STREAMCL_JOURNAL__NAME=smoke \
+        -e STREAMCL_LEARNER__INPUT_SHAPE='[64]' -e STREAMCL_LEARNER__HIDDEN='[64]' \
+        -e STREAMCL_LEARNER__TORCH_THREADS=1 -e STREAMCL_PUBLICATION__EVERY_SAMPLES=1000 \
+        -e STREAMCL_SNAPSHOTS__EVERY_BATCHES=50 "$IMAGE" run >/dev/null
 }
 produce() {  # produce FILE: stream a ready-made data set into the topic, print the count
     docker run --rm --network "$NET" --entrypoint /bin/sh "$IMAGE" -ec "

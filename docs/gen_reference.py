@@ -6,8 +6,9 @@
 Each section sits between marker comments in README.md, ``<!-- BEGIN name -->`` and
 ``<!-- END name -->``, and is rendered from its source of truth:
 
-* ``config``: every field of :class:`streamcl.settings.Settings` (name, environment variable,
-  type with its constraints, default, description);
+* ``config``: every section of :class:`streamcl.settings.Settings`, one table each, with every
+  field's dotted name, environment variable, type with its constraints, default and
+  description;
 * ``cli``: every subcommand and option of the argparse parser, :func:`streamcl.cli.build_parser`;
 * ``metrics``: every family a fresh :class:`~streamcl.metrics.prometheus.ServiceMetrics`
   exposes (the exact names dashboards and alert rules must use), with its type, labels and help;
@@ -108,19 +109,24 @@ def setting_description(name: str, field: Any) -> str:
 
 
 def render_config() -> str:
-    from streamcl.settings import Settings
+    """One table per section of the settings tree, in the tree's order."""
+    from streamcl.settings import Settings, env_name, sections
 
-    prefix = Settings.model_config.get("env_prefix", "")
-    rows = ["| setting | environment variable | type | default | description |",
-            "|---|---|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        kind = _type_name(field.annotation)
-        bounds = _constraints(field.metadata, field.annotation)
-        if bounds:
-            kind += f" ({', '.join(bounds)})"
-        rows.append(f"| {_code(name)} | {_code(prefix + name.upper())} | {_cell(kind)} | "
-                    f"{_cell(_default(field))} | {_cell(setting_description(name, field))} |")
-    return "\n".join(rows)
+    out: list[str] = []
+    for section, model in sections().items():
+        out += [f"**`{section}`**: {_cell(Settings.model_fields[section].description or '')}",
+                "", "| setting | environment variable | type | default | description |",
+                "|---|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            kind = _type_name(field.annotation)
+            bounds = _constraints(field.metadata, field.annotation)
+            if bounds:
+                kind += f" ({', '.join(bounds)})"
+            out.append(f"| {_code(f'{section}.{name}')} | {_code(env_name(section, name))} | "
+                       f"{_cell(kind)} | {_cell(_default(field))} | "
+                       f"{_cell(setting_description(name, field))} |")
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -258,8 +264,8 @@ def _first_line(doc: str | None) -> str:
 def render_strategies() -> str:
     from streamcl.strategies import STRATEGIES, resolved_params
 
-    rows = ["| `--strategy` | parameters and defaults (`--param k=v`, `params:` in the config) "
-            "| method |", "|---|---|---|"]
+    rows = ["| `--strategy` | parameters and defaults (`--param k=v`, `learner.params` in the "
+            "config) | method |", "|---|---|---|"]
     for name, cls in STRATEGIES.items():
         params = ", ".join(f"{k}={json.dumps(v)}" for k, v in resolved_params(name, {}).items())
         doc = cls.__doc__ if cls.__doc__ else sys.modules[cls.__module__].__doc__

@@ -11,9 +11,14 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from streamcl import DEFAULT_STRATEGY, __version__
+from streamcl import __version__
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    Model = TypeVar("Model", bound=BaseModel)
 
 EXIT_USAGE = 2
 #: another instance of the same learner took over its journal (see streamcl.stream.journal)
@@ -47,51 +52,120 @@ def parse_params(items: list[str], option: str) -> dict[str, Any]:
     return params
 
 
-def parse_ints(text: str, option: str) -> tuple[int, ...]:
+#: Flags of settings that are not ``--<name-with-dashes>``.
+SETTING_OPTIONS = {"params": "--param", "detector_params": "--detector-param",
+                   "torch_threads": "--threads"}
+
+
+def _option(name: str) -> str:
+    return SETTING_OPTIONS.get(name, "--" + name.replace("_", "-"))
+
+
+def _kind(annotation: Any) -> str:
+    """How a setting is written on the command line: ``list`` (comma-separated), ``dict``
+    (repeated name=value), ``choice`` (a Literal) or ``plain``."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        return "list"
+    if origin is dict:
+        return "dict"
+    if origin is typing.Literal:
+        return "choice"
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return _kind(args[0]) if len(args) == 1 else "plain"
+
+
+def add_setting_flag(parser: argparse.ArgumentParser, model: type[BaseModel], name: str
+                     ) -> None:
+    """A flag for one field of a settings model, with the model's default written as the flag
+    would be: the model keeps the one copy of defaults, and :func:`settings_from_args`
+    validates what the flag gives with the model's own rules."""
+    field = model.model_fields[name]
+    option, kind = _option(name), _kind(field.annotation)
+    default = field.get_default(call_default_factory=True)
+    text = field.description or ""
+    kwargs: dict[str, Any] = {"dest": name}
+    if kind == "dict":
+        kwargs |= {"action": "append", "metavar": "K=V",
+                   "default": [f"{k}={json.dumps(v)}" for k, v in default.items()]}
+        text += f"; one {option} name=value each (repeatable)"
+    elif kind == "list":
+        kwargs["default"] = ",".join(map(str, default))
+        text += " (comma-separated)"
+    else:
+        kwargs["default"] = default
+        if kind == "choice":  # argparse shows the choices instead of a metavar
+            kwargs["choices"] = _choices(field.annotation)
+        else:
+            kwargs["metavar"] = option.lstrip("-").upper().replace("-", "_")
+    parser.add_argument(option, help=text, **kwargs)
+
+
+def _choices(annotation: Any) -> tuple[Any, ...]:
+    """The values of the Literal in a field type (``Literal[...] | None`` too)."""
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return typing.get_args(annotation)
+    return next((c for a in typing.get_args(annotation) if (c := _choices(a))), ())
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    """``--help`` shows an option's default when it has one (the README's reference has its
+    own column for it, so the help text itself does not repeat it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (action.option_strings and not action.required and action.nargs != 0
+                and action.default not in (None, [], argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+def settings_from_args(model: type[Model], args: argparse.Namespace, **fixed: Any) -> Model:
+    """``model`` from the flags :func:`add_setting_flag` made (and ``fixed`` values): a value
+    the model refuses is a usage error naming the flag."""
+    from pydantic import ValidationError
+
+    values = dict(fixed)
+    for name, field in model.model_fields.items():
+        if name in fixed or not hasattr(args, name):
+            continue
+        given, kind = getattr(args, name), _kind(field.annotation)
+        if kind == "dict":
+            given = parse_params(given, _option(name))
+        elif kind == "list" and isinstance(given, str):
+            given = [v.strip() for v in given.split(",") if v.strip()]
+        values[name] = given
     try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"{option} {text!r}: give comma-separated integers, e.g. 256,256"
-                         ) from None
-    if not values or min(values) < 1:
-        raise UsageError(f"{option} {text!r}: give positive comma-separated integers")
-    return values
+        return model(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        item = f"item {err['loc'][1]}: " if len(err["loc"]) > 1 else ""  # --hidden 8,x: item 1
+        given = getattr(args, name, fixed.get(name))
+        shown = " ".join(given) if isinstance(given, list) else given
+        raise UsageError(f"{_option(name)} {shown!r}: {item}{err['msg']}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from streamcl.settings import ConsumerSettings, JournalSettings, LearnerSettings
+
     parser = _Parser(prog="streamcl", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"streamcl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    sim = sub.add_parser("simulate", help="evaluate a strategy on a stored stream")
+    sim = sub.add_parser("simulate", help="evaluate a strategy on a stored stream",
+                         formatter_class=_DefaultsHelp)
     sim.add_argument("--data", required=True, type=Path,
                      help="training stream (.npz: x, y[, task])")
     sim.add_argument("--test-data", type=Path, help="test set (.npz) for accuracy and forgetting")
-    sim.add_argument("--strategy", default=DEFAULT_STRATEGY,
-                     help="naive, er, er-ace, agem, der, der++, mas, il2m, rar or il2m-der")
-    sim.add_argument("--param", action="append", default=[], metavar="K=V",
-                     help="a strategy parameter (repeatable), e.g. --param mem_size=500")
-    sim.add_argument("--model", default="mlp", help="mlp, cnn or package.module:function")
-    sim.add_argument("--hidden", default="256,256",
-                     help="MLP layer widths, or CNN channel counts (default 256,256)")
-    sim.add_argument("--boundaries", default="drift",
-                     help="drift, task, new-class, every:N, or a comma list (default drift)")
-    sim.add_argument("--detector", default="adwin", help="adwin, page-hinkley, ddm or kswin")
-    sim.add_argument("--detector-param", action="append", default=[], metavar="K=V",
-                     help="a detector parameter (repeatable), e.g. --detector-param delta=0.01")
-    sim.add_argument("--monitor", default="error", choices=["error", "loss"],
-                     help="what the detector watches (default error)")
-    sim.add_argument("--min-length", type=int, default=0,
-                     help="fewest samples in an inferred experience (default 0)")
-    sim.add_argument("--cooldown", type=int, default=0,
-                     help="samples after a boundary before the detector listens (default 0)")
-    sim.add_argument("--batch-size", type=int, default=32)
-    sim.add_argument("--lr", type=float, default=0.05)
-    sim.add_argument("--momentum", type=float, default=0.0)
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--threads", type=int, default=None,
-                     help="torch CPU threads (default: one for a small model, else the CPUs "
-                          "this process may use)")
+    for name in LearnerSettings.model_fields:  # the service's learner settings, as flags
+        if name != "input_shape":  # from --data
+            add_setting_flag(sim, LearnerSettings, name)
+    add_setting_flag(sim, ConsumerSettings, "batch_size")
     sim.add_argument("--json", action="store_true", help="print one JSON object")
 
     prod = sub.add_parser("produce", help="load a data set into a Kafka topic")
@@ -104,17 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the streaming trainer service")
     run.add_argument("--config", type=Path, help="settings file (YAML); STREAMCL_* env wins")
 
-    demo = sub.add_parser("demo", help="the whole pipeline on an embedded broker, in minutes")
+    demo = sub.add_parser("demo", help="the whole pipeline on an embedded broker, in minutes",
+                          formatter_class=_DefaultsHelp)
     demo.add_argument("--data", choices=["auto", "fmnist", "digits"], default="auto",
                       help="split Fashion-MNIST when installed (auto), or split digits")
-    demo.add_argument("--strategy", default=DEFAULT_STRATEGY)
-    demo.add_argument("--threads", type=int, default=None,
-                      help="torch CPU threads (default: one for a small model, else the CPUs "
-                           "this process may use, less one for the consumer process)")
+    add_setting_flag(demo, LearnerSettings, "strategy")
+    add_setting_flag(demo, LearnerSettings, "torch_threads")
 
     rep = sub.add_parser("replay", help="rebuild the trainer's state from the journal")
     rep.add_argument("--bootstrap", required=True, help="Kafka bootstrap servers (host:port)")
-    rep.add_argument("--name", default="streamcl", help="service name (journal <name>.journal)")
+    add_setting_flag(rep, JournalSettings, "name")
     rep.add_argument("--topic", required=True, help="the input topic the journal refers to")
     rep.add_argument("--to-seq", type=int, default=None, help="last journal entry to apply")
     rep.add_argument("--snapshot-dir", type=Path, help="start from the newest usable snapshot")
@@ -163,35 +236,25 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from streamcl.data import load_stream
+    from streamcl.settings import ConsumerSettings, LearnerSettings
     from streamcl.simulate import simulate
     from streamcl.threads import configure_threads
-    from streamcl.trainer import OnlineTrainer, TrainerConfig
+    from streamcl.trainer import OnlineTrainer
 
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size {args.batch_size}: must be >= 1")
-    if not args.lr > 0:
-        raise UsageError(f"--lr {args.lr}: must be > 0")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads {args.threads}: must be >= 1")
+    batch_size = settings_from_args(ConsumerSettings, args).batch_size
     train = load_stream(args.data)
     test = load_stream(args.test_data) if args.test_data else None
     if test is not None and test.input_shape != train.input_shape:
         raise UsageError(f"--test-data {args.test_data}: samples have shape {test.input_shape}, "
                          f"the training stream {train.input_shape}")
-    config = TrainerConfig(
-        input_shape=train.input_shape, model=args.model,
-        hidden=parse_ints(args.hidden, "--hidden"), strategy=args.strategy,
-        params=parse_params(args.param, "--param"), lr=args.lr, momentum=args.momentum,
-        boundaries=args.boundaries, detector=args.detector,
-        detector_params=parse_params(args.detector_param, "--detector-param"),
-        min_length=args.min_length, cooldown=args.cooldown, monitor=args.monitor,
-        seed=args.seed)
+    learner = settings_from_args(LearnerSettings, args, input_shape=list(train.input_shape))
+    config = learner.trainer_config()
     trainer = OnlineTrainer(config)  # configuration errors surface here, before any output
-    configure_threads(args.threads, trainer.model, config.input_shape, args.batch_size)
+    configure_threads(learner.torch_threads, trainer.model, config.input_shape, batch_size)
     bar = None if args.json else tqdm(total=len(train), unit="samples", file=sys.stderr,
                                       desc=args.strategy, dynamic_ncols=True)
     try:
-        result = simulate(train, trainer, batch_size=args.batch_size, test=test,
+        result = simulate(train, trainer, batch_size=batch_size, test=test,
                           progress=bar.update if bar else None)
     finally:
         if bar:
@@ -278,11 +341,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     install_sigterm(stop)  # SIGTERM drains: finish the batch, snapshot, commit, exit 0
     with contextlib.ExitStack() as stack:
-        bootstrap, client = settings.bootstrap_servers, settings.kafka_client_config()
+        bootstrap, client = settings.kafka.bootstrap_servers, settings.kafka.client_config()
         if bootstrap is None:
             bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
             print(f"streamcl: embedded broker at {bootstrap}", file=sys.stderr, flush=True)
-        ensure_topics(bootstrap, [settings.topic], client_config=client)
+        ensure_topics(bootstrap, [settings.consumer.topic], client_config=client)
         service, server = service_from_settings(settings, bootstrap)
         if server is not None:
             stack.callback(server.stop)
@@ -308,13 +371,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from streamcl.data import DataError, digits, fashion_mnist, split_stream
     from streamcl.models import build_model
     from streamcl.service import TrainerService, install_sigterm
+    from streamcl.settings import LearnerSettings
     from streamcl.stream.broker import EmbeddedBroker
     from streamcl.stream.producer import produce_stream
     from streamcl.threads import configure_threads
-    from streamcl.trainer import TrainerConfig
 
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads {args.threads}: must be >= 1")
     source = None
     if args.data in ("auto", "fmnist"):
         try:
@@ -328,10 +389,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         source, train = "split digits", split_stream(raw_train, passes=5)
     test = split_stream(raw_test, shuffle=False)
     switches = (np.flatnonzero(np.diff(train.task)) + 1).tolist()
-    config = TrainerConfig(input_shape=train.input_shape, strategy=args.strategy,
-                           boundaries="drift")
+    learner = settings_from_args(LearnerSettings, args, input_shape=list(train.input_shape),
+                                 boundaries="drift")
+    config = learner.trainer_config()
     # the service consumes in a child process: leave it a core
-    configure_threads(args.threads, build_model(config.model, config.input_shape, config.hidden),
+    configure_threads(learner.torch_threads,
+                      build_model(config.model, config.input_shape, config.hidden),
                       config.input_shape, 32, reserve=1)
     stop = threading.Event()
     install_sigterm(stop)
@@ -389,17 +452,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from streamcl.registry.registry import ModelRegistry
     from streamcl.report import load_report_data, write_report
-    from streamcl.settings import load_settings
+    from streamcl.settings import JournalSettings, KafkaSettings, PublicationSettings, load_settings
     from streamcl.stream.journal import Journal, JournalError, journal_topic
 
+    # without --config, the settings' defaults (the environment is read only with --config)
     settings = load_settings(args.config) if args.config else None
-    bootstrap = args.bootstrap_servers or (settings.bootstrap_servers if settings else None)
-    name = args.name or (settings.name if settings else "streamcl")
-    location = args.registry_location or (settings.registry if settings else "registry")
+    kafka = settings.kafka if settings else KafkaSettings()
+    bootstrap = args.bootstrap_servers or kafka.bootstrap_servers
+    name = args.name or (settings.journal if settings else JournalSettings()).name
+    location = args.registry_location or (settings.publication if settings
+                                          else PublicationSettings()).registry
     if not bootstrap:
-        raise UsageError("report: --bootstrap-servers (or bootstrap_servers in --config) is "
-                         "needed to read the journal")
-    client = settings.kafka_client_config() if settings else {}
+        raise UsageError("report: --bootstrap-servers (or kafka.bootstrap_servers in --config) "
+                         "is needed to read the journal")
+    client = kafka.client_config()
     try:
         with Journal(bootstrap, journal_topic(name), client, create=False) as journal:
             entries = list(journal.read())
@@ -440,18 +506,16 @@ def cmd_registry(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from streamcl.registry import ModelRegistry, format_version
+    from streamcl.settings import JournalSettings, KafkaSettings, PublicationSettings, load_settings
 
-    location, bootstrap, name, client = args.registry_location, args.bootstrap_servers, \
-        args.name, {}
-    if args.config is not None:
-        from streamcl.settings import load_settings
-
-        settings = load_settings(args.config)
-        location = location or str(getattr(settings, "registry", "registry"))
-        bootstrap = bootstrap or settings.bootstrap_servers
-        name = name or settings.name
-        client = settings.kafka_client_config()
-    location = location or "registry"
+    # without --config, the settings' defaults (the environment is read only with --config)
+    settings = load_settings(args.config) if args.config is not None else None
+    kafka = settings.kafka if settings else KafkaSettings()
+    location = args.registry_location or (settings.publication if settings
+                                          else PublicationSettings()).registry
+    bootstrap = args.bootstrap_servers or kafka.bootstrap_servers
+    name = args.name or (settings.journal if settings else JournalSettings()).name
+    client = kafka.client_config()
     registry = ModelRegistry(location)
     versions = registry.versions()
     if not versions:
@@ -508,15 +572,15 @@ def cmd_registry(args: argparse.Namespace) -> int:
     from streamcl.registry import Announcer, announcement
 
     try:
-        with Announcer(bootstrap, name or "streamcl", client, timeout_s=10.0) as announcer:
+        with Announcer(bootstrap, name, client, timeout_s=10.0) as announcer:
             announcer.announce(announcement(event, target, alias=args.alias,
                                             registry=registry.url))
     except (KafkaError, OSError) as exc:
         print(f"streamcl: error: {args.alias} moved to {format_version(target)}, but the "
-              f"announcement on {name or 'streamcl'}.models failed ({exc}); watchers see it at "
+              f"announcement on {name}.models failed ({exc}); watchers see it at "
               "their next resync", file=sys.stderr)
         return 1
-    print(f"announced on {name or 'streamcl'}.models", file=sys.stderr)
+    print(f"announced on {name}.models", file=sys.stderr)
     return 0
 
 

@@ -423,40 +423,46 @@ class TrainerService:
 def service_from_settings(settings: Settings, bootstrap: str
                           ) -> tuple[TrainerService, MetricsServer | None]:
     """The service ``streamcl run`` runs: trainer, holdout, registry publisher, metrics, and
-    the HTTP endpoint (started, so probes answer during recovery; ``None`` when port is 0)."""
+    the HTTP endpoint (started, so probes answer during recovery; ``None`` when port is 0).
+    Each section of the settings goes whole to the part it configures; until TrainerService
+    takes sections, its keywords are filled here, section by section."""
     from streamcl.metrics.server import MetricsServer
     from streamcl.registry.announce import Announcer
     from streamcl.registry.publisher import PublishPolicy
     from streamcl.registry.registry import ModelRegistry
 
-    config = settings.trainer_config()
-    configure_threads(settings.torch_threads,
+    learner, consumer, journal = settings.learner, settings.consumer, settings.journal
+    snapshots, publication, served = settings.snapshots, settings.publication, settings.metrics
+    config = learner.trainer_config()
+    configure_threads(learner.torch_threads,
                       build_model(config.model, config.input_shape, config.hidden),
-                      config.input_shape, settings.batch_size, reserve=int(settings.prefetch))
-    client = settings.kafka_client_config()
-    metrics = ServiceMetrics(window=settings.metrics_window, gate_reasons=("worse",))
-    holdout = (Holdout(settings.holdout_fraction, settings.holdout_size, settings.seed)
-               if settings.holdout_fraction > 0 else None)
-    policy = PublishPolicy(every_samples=settings.publish_every_samples,
-                           every_s=settings.publish_every_s,
-                           at_experience_end=settings.publish_at_experience_end,
-                           tolerance=settings.gate_tolerance)
+                      config.input_shape, consumer.batch_size, reserve=int(consumer.prefetch))
+    client = settings.kafka.client_config()
+    metrics = ServiceMetrics(window=served.window, gate_reasons=("worse",))
+    holdout = (Holdout(publication.holdout_fraction, publication.holdout_size, learner.seed)
+               if publication.holdout_fraction > 0 else None)
     publisher = None
-    if policy.every_samples or policy.every_s or policy.at_experience_end:
-        publisher = Publisher(ModelRegistry(settings.registry), policy,
-                              announcer=Announcer(bootstrap, settings.name, client))
+    if publication.enabled:
+        policy = PublishPolicy(every_samples=publication.every_samples,
+                               every_s=publication.every_s,
+                               at_experience_end=publication.at_experience_end,
+                               tolerance=publication.gate_tolerance)
+        publisher = Publisher(ModelRegistry(publication.registry), policy,
+                              announcer=Announcer(bootstrap, journal.name, client))
     service = TrainerService(
-        config, bootstrap=bootstrap, topic=settings.topic,
-        name=settings.name, group_id=settings.group_id or settings.name,
-        snapshot_dir=str(settings.snapshot_dir), encoding=settings.encoding,
-        batch_size=settings.batch_size, max_wait_s=settings.max_wait_s,
-        snapshot_every_batches=settings.snapshot_every_batches,
-        snapshot_every_s=settings.snapshot_every_s, keep_snapshots=settings.keep_snapshots,
-        client_config=client, prefetch=settings.prefetch, holdout=holdout,
-        publisher=publisher, metrics=metrics)
+        config, bootstrap=bootstrap, client_config=client, name=journal.name,
+        # consumer
+        topic=consumer.topic, group_id=settings.group_id(), encoding=consumer.encoding,
+        batch_size=consumer.batch_size, max_wait_s=consumer.max_wait_s,
+        prefetch=consumer.prefetch, session_timeout_ms=consumer.session_timeout_ms,
+        # snapshots
+        snapshot_dir=str(snapshots.dir), snapshot_every_batches=snapshots.every_batches,
+        snapshot_every_s=snapshots.every_s, keep_snapshots=snapshots.keep,
+        # publication and metrics
+        holdout=holdout, publisher=publisher, metrics=metrics)
     server = None
-    if settings.metrics_port:
-        server = MetricsServer(metrics, settings.metrics_host, settings.metrics_port,
+    if served.port:
+        server = MetricsServer(metrics, served.host, served.port,
                                live=service.alive, ready=lambda: service.ready).start()
     return service, server
 

@@ -1,100 +1,68 @@
-"""The service's settings: one pydantic-settings model, from a YAML file and the environment.
+"""The service's settings: one tree of pydantic models, from a YAML file and the environment.
 
-Every setting can come from ``streamcl run --config FILE.yaml`` or from an environment variable
-``STREAMCL_<NAME>`` (``STREAMCL_BATCH_SIZE=64``; dicts and lists as JSON,
-``STREAMCL_PARAMS='{"mem_size": 500}'``); the environment wins, so a container can override a
-baked-in file. An invalid setting fails at start with one line naming it.
+The tree has one section per part of the service, and each part is handed its section whole:
+``learner`` (the model and the continual-learning method: :class:`LearnerSettings`, the one
+source of :class:`~streamcl.trainer.TrainerConfig`'s defaults and of ``streamcl simulate``'s
+flags), ``kafka`` (brokers and client security), ``consumer`` (the input topic and
+micro-batches), ``journal`` (the learner's name), ``snapshots``, ``publication`` (registry,
+quality gate, holdout) and ``metrics``. A setting is declared once, here, with its default,
+its bounds and its description; the README's reference is generated from these models.
 
->>> s = Settings(input_shape=[784], strategy="er", params={"mem_size": 200})
->>> s.trainer_config().strategy, s.group_id or s.name
-('er', 'streamcl')
+The YAML file of ``streamcl run --config FILE.yaml`` is nested by section; an environment
+variable names the section and the setting joined by ``__`` (``STREAMCL_CONSUMER__BATCH_SIZE=64``;
+dicts and lists as JSON, ``STREAMCL_LEARNER__PARAMS='{"mem_size": 500}'``). The environment
+wins over the file, setting by setting, so a container can override one value of a baked-in
+file. An invalid or unknown setting fails at start with one line naming it.
+
+>>> s = Settings(learner={"input_shape": [784], "strategy": "er", "params": {"mem_size": 200}})
+>>> s.learner.trainer_config().strategy, s.consumer.batch_size, s.group_id()
+('er', 32, 'streamcl')
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 from streamcl import DEFAULT_STRATEGY
-from streamcl.trainer import TrainerConfig
+
+if TYPE_CHECKING:  # the trainer takes its defaults from LearnerSettings: import it lazily
+    from streamcl.trainer import TrainerConfig
+
+ENV_PREFIX = "STREAMCL_"
+ENV_DELIMITER = "__"
 
 
 class SettingsError(ValueError):
     """An invalid setting: the message names it, where it came from, and what is wrong."""
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="STREAMCL_", extra="forbid")
+class Section(BaseModel):
+    """A section of the tree: unknown keys are errors, not silently ignored typos."""
 
-    # Kafka: no bootstrap servers means "start the embedded broker"
-    bootstrap_servers: str | None = Field(
-        None,
-        description="Kafka bootstrap servers (host:port[,host:port...]); unset: start the "
-                    "embedded broker on a free loopback port")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = Field(
-        "PLAINTEXT", description='PLAINTEXT, SSL (TLS) or SASL_SSL (SASL over TLS)')
-    ssl_cafile: str | None = Field(
-        None, description="CA bundle (PEM) that signed the brokers' certificates")
-    ssl_certfile: str | None = Field(
-        None, description='client certificate (PEM) for mutual TLS; with ssl_keyfile')
-    ssl_keyfile: str | None = Field(
-        None, description='client private key (PEM) for mutual TLS; with ssl_certfile')
-    sasl_mechanism: str | None = Field(
-        None, description='with SASL_SSL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512')
-    sasl_plain_username: str | None = Field(None, description='with SASL_SSL: the user name')
-    sasl_plain_password: str | None = Field(
-        None,
-        description="with SASL_SSL: the password (give it as an environment variable from a "
-                    "secret, not in the file)")
-    topic: str = Field(
-        "samples", min_length=1,
-        description='input topic of labelled samples (created with one partition if missing)')
-    name: str = Field("streamcl", min_length=1, description="journal topic is <name>.journal")
-    group_id: str | None = Field(None, description='Kafka consumer group (default: name)')
-    encoding: Literal["binary", "json"] = Field(
-        "binary", description='how the input messages are encoded (see Message formats)')
-    # micro-batches and snapshots
-    batch_size: PositiveInt = Field(
-        32, description='samples per micro-batch: one journal entry and one train step')
-    max_wait_s: PositiveFloat = Field(
-        0.5, description='longest wait for a micro-batch to fill before a partial one is trained')
-    snapshot_dir: Path = Field(
-        Path("snapshots"),
-        description='directory of the state snapshots (safetensors + SHA-256 sidecars)')
-    snapshot_every_batches: PositiveInt = Field(100, description='snapshot after this many batches')
-    snapshot_every_s: PositiveFloat | None = Field(
-        60.0,
-        description="also snapshot this often in seconds, on a quiet stream too (unset: by "
-                    "batches only)")
-    keep_snapshots: PositiveInt = Field(
-        3, description='newest snapshots kept; older ones are deleted')
-    prefetch: bool = Field(True, description="consume in a child process, one batch ahead")
-    torch_threads: PositiveInt | None = Field(
-        None, description="torch intra-op threads (default: torch's choice)")
-    # model registry and publication (issue 4)
-    registry: str = Field("registry", min_length=1,
-                          description="a directory, or an fsspec URL such as s3://bucket/path")
-    publish_every_samples: PositiveInt | None = Field(
-        5000,
-        description="publish a candidate model every this many trained samples (unset: not "
-                    "by count)")
-    publish_every_s: PositiveFloat | None = Field(
-        None, description='publish a candidate model every this many seconds (unset: not by time)')
-    publish_at_experience_end: bool = Field(
-        True, description='publish a candidate model when an experience ends')
-    gate_tolerance: float = Field(0.02, ge=0, le=1, description="accepted accuracy drop")
-    holdout_fraction: float = Field(0.05, ge=0, lt=1,
-                                    description="share of samples kept out of training")
-    holdout_size: PositiveInt = Field(1000, description="class-balanced holdout reservoir")
-    # metrics and health endpoints
-    metrics_host: str = Field(
-        "0.0.0.0", description='address of the /metrics, /healthz and /readyz HTTP server')
-    metrics_port: int = Field(9100, ge=0, le=65535, description="0: no HTTP endpoint")
-    metrics_window: PositiveInt = Field(1000, description="samples in windowed accuracy/loss")
-    # the learner (see `streamcl simulate --help` for the meaning of each)
+    model_config = ConfigDict(extra="forbid")
+
+
+class LearnerSettings(Section):
+    """The learner: what :class:`~streamcl.trainer.TrainerConfig` holds, plus its threads.
+
+    These are also ``streamcl simulate``'s flags and ``TrainerConfig``'s defaults, so a
+    simulation, a test and the service agree on what an unset value means."""
+
     input_shape: list[PositiveInt] = Field(
         description="shape of one sample's x, e.g. [784] or [1, 28, 28]")
     model: str = Field("mlp", description='mlp, cnn or package.module:function')
@@ -121,6 +89,163 @@ class Settings(BaseSettings):
         "error", description='what the drift detector watches: prequential errors or losses')
     seed: int = Field(
         0, description='random seed (initialisation, replay sampling, holdout selection)')
+    torch_threads: PositiveInt | None = Field(
+        None,
+        description="torch intra-op threads (unset: one for a small model, else the CPUs this "
+                    "process may use, less one for a prefetching consumer)")
+
+    def trainer_config(self) -> TrainerConfig:
+        """The trainer's stored config: everything but the thread count, which changes speed,
+        never results."""
+        from streamcl.trainer import TrainerConfig
+
+        return TrainerConfig(
+            input_shape=tuple(self.input_shape), model=self.model, hidden=tuple(self.hidden),
+            strategy=self.strategy, params=dict(self.params), lr=self.lr,
+            momentum=self.momentum, boundaries=self.boundaries, detector=self.detector,
+            detector_params=dict(self.detector_params), min_length=self.min_length,
+            cooldown=self.cooldown, monitor=self.monitor, seed=self.seed)
+
+
+class KafkaSettings(Section):
+    """Where the brokers are and how to reach them; no bootstrap servers means "start the
+    embedded broker"."""
+
+    bootstrap_servers: str | None = Field(
+        None,
+        description="Kafka bootstrap servers (host:port[,host:port...]); unset: start the "
+                    "embedded broker on a free loopback port")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = Field(
+        "PLAINTEXT", description='PLAINTEXT, SSL (TLS) or SASL_SSL (SASL over TLS)')
+    ssl_cafile: str | None = Field(
+        None, description="CA bundle (PEM) that signed the brokers' certificates")
+    ssl_certfile: str | None = Field(
+        None, description='client certificate (PEM) for mutual TLS; with ssl_keyfile')
+    ssl_keyfile: str | None = Field(
+        None, description='client private key (PEM) for mutual TLS; with ssl_certfile')
+    sasl_mechanism: str | None = Field(
+        None, description='with SASL_SSL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512')
+    sasl_plain_username: str | None = Field(None, description='with SASL_SSL: the user name')
+    sasl_plain_password: str | None = Field(
+        None,
+        description="with SASL_SSL: the password (give it as an environment variable from a "
+                    "secret, not in the file)")
+
+    def client_config(self) -> dict[str, Any]:
+        """The security part of every Kafka client's configuration (consumer, journal,
+        announcer), so all of them connect the same way."""
+        from streamcl.stream.broker import kafka_config
+
+        return kafka_config(
+            security_protocol=self.security_protocol, ssl_cafile=self.ssl_cafile,
+            ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
+            sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_plain_username,
+            sasl_plain_password=self.sasl_plain_password)
+
+
+class ConsumerSettings(Section):
+    """The input: which topic, how it is decoded, and how it is cut into micro-batches."""
+
+    topic: str = Field(
+        "samples", min_length=1,
+        description='input topic of labelled samples (created with one partition if missing)')
+    group_id: str | None = Field(None, description='Kafka consumer group (default: journal.name)')
+    encoding: Literal["binary", "json"] = Field(
+        "binary", description='how the input messages are encoded (see Message formats)')
+    batch_size: PositiveInt = Field(
+        32, description='samples per micro-batch: one journal entry and one train step')
+    max_wait_s: PositiveFloat = Field(
+        0.5, description='longest wait for a micro-batch to fill before a partial one is trained')
+    prefetch: bool = Field(True, description="consume in a child process, one batch ahead")
+    session_timeout_ms: PositiveInt = Field(
+        10_000,
+        description="consumer group session timeout: a consumer silent this long loses its "
+                    "partitions (the embedded broker answers a first join after half of it)")
+
+
+class JournalSettings(Section):
+    """The learner's identity: its journal, its transactional writer id, its announcements."""
+
+    name: str = Field("streamcl", min_length=1, description="journal topic is <name>.journal")
+
+
+class SnapshotSettings(Section):
+    """State snapshots: they bound how much of the journal a restart replays."""
+
+    dir: Path = Field(
+        Path("snapshots"),
+        description='directory of the state snapshots (safetensors + SHA-256 sidecars)')
+    every_batches: PositiveInt = Field(100, description='snapshot after this many batches')
+    every_s: PositiveFloat | None = Field(
+        60.0,
+        description="also snapshot this often in seconds, on a quiet stream too (unset: by "
+                    "batches only)")
+    keep: PositiveInt = Field(3, description='newest snapshots kept; older ones are deleted')
+
+
+class PublicationSettings(Section):
+    """Candidate models: when they are published, and the holdout gate that judges them."""
+
+    registry: str = Field("registry", min_length=1,
+                          description="a directory, or an fsspec URL such as s3://bucket/path")
+    every_samples: PositiveInt | None = Field(
+        5000,
+        description="publish a candidate model every this many trained samples (unset: not "
+                    "by count)")
+    every_s: PositiveFloat | None = Field(
+        None, description='publish a candidate model every this many seconds (unset: not by time)')
+    at_experience_end: bool = Field(
+        True, description='publish a candidate model when an experience ends')
+    gate_tolerance: float = Field(0.02, ge=0, le=1, description="accepted accuracy drop")
+    holdout_fraction: float = Field(0.05, ge=0, lt=1,
+                                    description="share of samples kept out of training")
+    holdout_size: PositiveInt = Field(1000, description="class-balanced holdout reservoir")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any trigger can publish (else the service needs no publisher)."""
+        return bool(self.every_samples or self.every_s or self.at_experience_end)
+
+
+class MetricsSettings(Section):
+    """The /metrics, /healthz and /readyz HTTP endpoint and the windowed metrics."""
+
+    host: str = Field(
+        "0.0.0.0", description='address of the /metrics, /healthz and /readyz HTTP server')
+    port: int = Field(9100, ge=0, le=65535, description="0: no HTTP endpoint")
+    window: PositiveInt = Field(1000, description="samples in windowed accuracy/loss")
+
+
+class Settings(BaseSettings):
+    """The whole tree. ``learner`` has no default (``input_shape`` must be given); every other
+    section may be left out."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER,
+                                      env_parse_none_str="null", extra="forbid")
+
+    learner: LearnerSettings = Field(description="the model and the continual-learning method")
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings,
+                                 description="the brokers and client security")
+    consumer: ConsumerSettings = Field(default_factory=ConsumerSettings,
+                                       description="the input topic and its micro-batches")
+    journal: JournalSettings = Field(default_factory=JournalSettings,
+                                     description="the learner's name and journal")
+    snapshots: SnapshotSettings = Field(default_factory=SnapshotSettings,
+                                        description="state snapshots")
+    publication: PublicationSettings = Field(
+        default_factory=PublicationSettings,
+        description="the model registry, publication triggers and the quality gate")
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings,
+                                     description="the metrics and health endpoint")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _learner_section(cls, data: Any) -> Any:
+        """A missing ``learner`` section is reported as its missing ``input_shape``, the one
+        setting without a default, rather than as a missing section."""
+        if isinstance(data, dict) and "learner" not in data:
+            return {**data, "learner": {}}
+        return data
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings],
@@ -131,26 +256,90 @@ class Settings(BaseSettings):
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return env_settings, init_settings  # the environment overrides the file
 
-    def trainer_config(self) -> TrainerConfig:
-        return TrainerConfig(
-            input_shape=tuple(self.input_shape), model=self.model, hidden=tuple(self.hidden),
-            strategy=self.strategy, params=dict(self.params), lr=self.lr,
-            momentum=self.momentum, boundaries=self.boundaries, detector=self.detector,
-            detector_params=dict(self.detector_params), min_length=self.min_length,
-            cooldown=self.cooldown, monitor=self.monitor, seed=self.seed)
+    def group_id(self) -> str:
+        """The consumer group: ``consumer.group_id``, else the learner's name."""
+        return self.consumer.group_id or self.journal.name
 
-    def kafka_client_config(self) -> dict[str, Any]:
-        from streamcl.stream.broker import kafka_config
 
-        return kafka_config(
-            security_protocol=self.security_protocol, ssl_cafile=self.ssl_cafile,
-            ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile,
-            sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_plain_username,
-            sasl_plain_password=self.sasl_plain_password)
+def sections() -> dict[str, type[Section]]:
+    """Section name -> its model, in the tree's order."""
+    return {name: field.annotation for name, field in Settings.model_fields.items()}
+
+
+def env_name(*path: str) -> str:
+    """The environment variable of a setting: ``env_name("consumer", "batch_size")`` is
+    ``STREAMCL_CONSUMER__BATCH_SIZE``."""
+    return ENV_PREFIX + ENV_DELIMITER.join(path).upper()
+
+
+#: The flat settings of earlier versions -> their place in the tree. A flat key in the file or a
+#: flat ``STREAMCL_<NAME>`` variable is refused with this hint: ignored, it would silently fall
+#: back to a default (a snapshot directory off the volume).
+FLAT_NAMES = {
+    **{name: f"learner.{name}" for name in LearnerSettings.model_fields},
+    **{name: f"kafka.{name}" for name in KafkaSettings.model_fields},
+    **{name: f"consumer.{name}" for name in ("topic", "group_id", "encoding", "batch_size",
+                                             "max_wait_s", "prefetch")},
+    "name": "journal.name",
+    "snapshot_dir": "snapshots.dir", "snapshot_every_batches": "snapshots.every_batches",
+    "snapshot_every_s": "snapshots.every_s", "keep_snapshots": "snapshots.keep",
+    **{name: f"publication.{name}" for name in ("registry", "gate_tolerance",
+                                                "holdout_fraction", "holdout_size")},
+    "publish_every_samples": "publication.every_samples",
+    "publish_every_s": "publication.every_s",
+    "publish_at_experience_end": "publication.at_experience_end",
+    "metrics_host": "metrics.host", "metrics_port": "metrics.port",
+    "metrics_window": "metrics.window",
+}
+
+
+def moved(key: str) -> str | None:
+    """Where a top-level key belongs in the tree: a flat setting of earlier versions
+    (``batch_size`` -> ``consumer.batch_size``), or a field of exactly one section."""
+    if key in FLAT_NAMES:
+        return FLAT_NAMES[key]
+    homes = [f"{name}.{key}" for name, model in sections().items() if key in model.model_fields]
+    return homes[0] if len(homes) == 1 else None
+
+
+def _flat_environment(environ: Mapping[str, str]) -> list[str]:
+    """The ``STREAMCL_<NAME>`` variables of flat settings, which the tree no longer reads."""
+    return sorted(key for key in environ if key.upper().startswith(ENV_PREFIX)
+                  and key[len(ENV_PREFIX):].lower() in FLAT_NAMES)
+
+
+def _error_line(err: Mapping[str, Any]) -> str:
+    """One line for pydantic's first error: the setting's dotted path, its environment
+    variable, and what is wrong with it."""
+    loc = [str(p) for p in err["loc"]]
+    tree = sections()
+    if not loc:
+        return f"settings: {err['msg']}"
+    if err["type"] == "extra_forbidden" and len(loc) == 1:
+        home = moved(loc[0])
+        hint = (f"it belongs in section {home.split('.')[0]} ({home}, environment "
+                f"{env_name(*home.split('.'))})" if home else
+                f"the sections are {', '.join(tree)}")
+        return f"setting {loc[0]} in the config file: not a setting; {hint}"
+    path = ".".join(loc[:2])
+    where = f"{env_name(*loc[:2])} or {path} in the config file"
+    section = tree.get(loc[0])
+    if err["type"] == "extra_forbidden" and section is not None:
+        home = moved(loc[1])
+        hint = (f"did you mean {home}?" if home and home != path else
+                f"{loc[0]} has {', '.join(section.model_fields)}")
+        return f"setting {path} ({where}): not a setting; {hint}"
+    if len(loc) == 1 and section is not None and err["type"] in ("model_type", "dict_type"):
+        first = next(iter(section.model_fields))
+        return (f"setting {path} ({env_name(path)}__<NAME> or {path} in the config file): must "
+                f"be a mapping of {path} settings, e.g. {path}: {{{first}: ...}}")
+    item = f"item {'.'.join(loc[2:])}: " if loc[2:] else ""
+    return f"setting {path} ({where}): {item}{err['msg']}"
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from a YAML file (optional), the environment, and explicit overrides."""
+    """Settings from a YAML file (optional), the environment, and explicit overrides (sections
+    as mappings: ``load_settings(consumer={"topic": "t"})``)."""
     values: dict[str, Any] = {}
     if path is not None:
         import yaml
@@ -163,13 +352,54 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             raise SettingsError(f"--config {path}: not valid YAML ({exc})".replace("\n", " ")
                                 ) from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise SettingsError(f"--config {path}: must be a mapping of setting: value")
+            raise SettingsError(f"--config {path}: must be a mapping of section: settings")
         values.update(loaded or {})
     values.update(overrides)
+    flat = _flat_environment(os.environ)
+    if flat:
+        key = flat[0]
+        home = FLAT_NAMES[key[len(ENV_PREFIX):].lower()]
+        raise SettingsError(f"environment variable {key} is no longer read: settings are grouped "
+                            f"in sections, set {env_name(*home.split('.'))} instead")
     try:
         return Settings(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "?"
-        where = f"STREAMCL_{field.split('.')[0].upper()} or {field!r} in the config file"
-        raise SettingsError(f"setting {field} ({where}): {err['msg']}") from None
+        raise SettingsError(" ".join(_error_line(exc.errors()[0]).split())) from None
+    except SourceError as exc:  # pydantic-settings names the section only: find the variable
+        raise SettingsError(_not_json(os.environ) or " ".join(str(exc).split())) from None
+
+
+def _not_json(environ: Mapping[str, str]) -> str | None:
+    """The line for the first environment variable whose value must be JSON (a section, a
+    list or a dict) and is not."""
+    import json
+
+    tree = sections()
+    for key in sorted(environ):
+        if not key.upper().startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX):].lower().split(ENV_DELIMITER)
+        if path[0] not in tree or len(path) > 2:
+            continue
+        if len(path) == 2:  # a setting: JSON only when it is a list or a dict
+            field = tree[path[0]].model_fields.get(path[1])
+            if field is None or not _is_json_field(field.annotation):
+                continue
+        try:
+            json.loads(environ[key])
+        except ValueError:
+            setting = ".".join(path)
+            return (f"setting {setting} ({key}): not valid JSON ({environ[key]!r}); lists and "
+                    "dicts in the environment are JSON, e.g. '[256, 256]' or "
+                    "'{\"mem_size\": 500}'")
+    return None
+
+
+def _is_json_field(annotation: Any) -> bool:
+    """Whether pydantic-settings decodes the field's environment value as JSON."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (list, dict, tuple, set):
+        return True
+    return any(_is_json_field(a) for a in typing.get_args(annotation))

@@ -16,7 +16,8 @@ before it takes effect:
 order of first appearance; predictions come back as labels (``-1`` before any label is known).
 
 >>> import torch
->>> trainer = OnlineTrainer(TrainerConfig(input_shape=(4,), hidden=(8,), boundaries="new-class"))
+>>> trainer = OnlineTrainer(TrainerConfig(input_shape=(4,), hidden=(8,), strategy="naive",
+...                                        boundaries="new-class"))
 >>> r = trainer.step(torch.zeros(2, 4), torch.tensor([7, 7]))
 >>> r.predictions.tolist(), trainer.labels, trainer.model.n_classes
 ([-1, -1], [7], 1)
@@ -38,30 +39,40 @@ from torch import nn
 
 from streamcl.drift.boundaries import Boundary, BoundaryPolicy
 from streamcl.models import Classifier, build_model, train_forward_predicts
+from streamcl.settings import LearnerSettings
 from streamcl.state import set_rng_state
 from streamcl.strategies import Strategy, make_strategy, resolved_params
 
 STATE_FORMAT = 1
 
 
+def _default(name: str) -> Any:
+    """A learner setting's default: :class:`~streamcl.settings.LearnerSettings` holds the one
+    set, so a config built in code, ``streamcl simulate`` and the service cannot disagree."""
+    return LearnerSettings.model_fields[name].get_default(call_default_factory=True)
+
+
 @dataclass
 class TrainerConfig:
-    """Everything needed to rebuild a trainer; JSON-serialisable, stored in every state."""
+    """Everything needed to rebuild a trainer; JSON-serialisable, stored in every state.
+
+    The fields are :class:`~streamcl.settings.LearnerSettings`' (bar ``torch_threads``, which
+    changes speed, not results), with its defaults; ``device`` is not a setting."""
 
     input_shape: tuple[int, ...]
-    model: str = "mlp"
-    hidden: tuple[int, ...] = (256, 256)
-    strategy: str = "naive"
-    params: dict[str, Any] = field(default_factory=dict)
-    lr: float = 0.05
-    momentum: float = 0.0
-    boundaries: str = "drift"
-    detector: str = "adwin"
-    detector_params: dict[str, Any] = field(default_factory=dict)
-    min_length: int = 0
-    cooldown: int = 0
-    monitor: str = "error"
-    seed: int = 0
+    model: str = _default("model")
+    hidden: tuple[int, ...] = tuple(_default("hidden"))
+    strategy: str = _default("strategy")
+    params: dict[str, Any] = field(default_factory=lambda: _default("params"))
+    lr: float = _default("lr")
+    momentum: float = _default("momentum")
+    boundaries: str = _default("boundaries")
+    detector: str = _default("detector")
+    detector_params: dict[str, Any] = field(default_factory=lambda: _default("detector_params"))
+    min_length: int = _default("min_length")
+    cooldown: int = _default("cooldown")
+    monitor: str = _default("monitor")
+    seed: int = _default("seed")
     device: str = "cpu"
 
     def to_json(self) -> dict[str, Any]:

@@ -25,7 +25,8 @@ Changes are announced on ``<name>.models`` (:class:`Announcer`) and followed by
 
 >>> import tempfile, torch
 >>> from streamcl.trainer import OnlineTrainer, TrainerConfig
->>> trainer = OnlineTrainer(TrainerConfig(input_shape=(4,), hidden=(8,), boundaries="new-class"))
+>>> trainer = OnlineTrainer(TrainerConfig(input_shape=(4,), hidden=(8,), strategy="naive",
+...                                        boundaries="new-class"))
 >>> _ = trainer.step(torch.rand(8, 4), torch.tensor([5, 9] * 4))
 >>> registry = ModelRegistry(tempfile.mkdtemp())
 >>> tensors, section = export_model(trainer)

@@ -136,12 +136,16 @@ class Service:
         self.port = _free_port()
         config = tmp / "streamcl.yaml"
         config.write_text(yaml.safe_dump({
-            "bootstrap_servers": bootstrap, "topic": self.topic, "name": name,
-            "input_shape": [64], "hidden": [16], "strategy": "naive", "batch_size": 16,
-            "publish_every_samples": 100, "gate_tolerance": 0.0, "holdout_fraction": 0.2,
-            "holdout_size": 200, "snapshot_every_batches": 5, "encoding": "json",
-            "snapshot_dir": str(tmp / "snapshots"), "registry": str(tmp / "registry"),
-            "metrics_host": "127.0.0.1", "metrics_port": self.port, "torch_threads": 1}))
+            "learner": {"input_shape": [64], "hidden": [16], "strategy": "naive",
+                        "torch_threads": 1},
+            "kafka": {"bootstrap_servers": bootstrap},
+            "consumer": {"topic": self.topic, "batch_size": 16, "encoding": "json"},
+            "journal": {"name": name},
+            "snapshots": {"dir": str(tmp / "snapshots"), "every_batches": 5},
+            "publication": {"registry": str(tmp / "registry"), "every_samples": 100,
+                            "gate_tolerance": 0.0, "holdout_fraction": 0.2,
+                            "holdout_size": 200},
+            "metrics": {"host": "127.0.0.1", "port": self.port}}))
         ensure_topics(bootstrap, [self.topic])
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCL_")}
         with self.log.open("wb") as out:

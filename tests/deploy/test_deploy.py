@@ -32,7 +32,7 @@ import pytest
 import yaml
 
 from streamcl.cli import UsageError, build_parser
-from streamcl.settings import Settings
+from streamcl.settings import Settings, env_name, sections
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -46,7 +46,8 @@ DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.
 DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "streamcl.yml"
 ALERT_TESTS = Path(__file__).with_name("alerts_test.yml")
 
-SETTING_VARS = {f"STREAMCL_{name.upper()}" for name in Settings.model_fields}
+SETTING_VARS = {env_name(section, name) for section, model in sections().items()
+                for name in model.model_fields}
 STREAMCL_IMAGE = "streamcl:latest"
 #: How long `streamcl run` may take to answer: importing torch, starting the embedded broker,
 #: recovering (nothing to recover here), joining the consumer group. It takes a few seconds.
@@ -260,15 +261,24 @@ def k8s_env_names() -> set[str]:
     return names
 
 
+def smoke_env() -> dict[str, str]:
+    """The ``-e STREAMCL_...=`` variables deploy/smoke.sh gives its trainer container, its
+    shell variables given sample values."""
+    text = (DEPLOY / "smoke.sh").read_text()
+    found = re.findall(r"-e (STREAMCL_\w+)=('[^']*'|\"[^\"]*\"|\S+)", text)
+    return {k: shlex.split(v.replace("$BROKER", "broker"))[0] for k, v in found}
+
+
 def test_every_streamcl_variable_is_a_setting() -> None:
     sources = {
         "Dockerfile": set(dockerfile_env()),
         "deploy/k8s": k8s_env_names(),
+        "deploy/smoke.sh": set(smoke_env()),
         **{f"compose service {name}": set(compose_env(svc))
            for name, svc in compose()["services"].items()},
     }
     used = {var for names in sources.values() for var in names if var.startswith("STREAMCL_")}
-    assert len(used) >= 15, used  # the extraction found the variables
+    assert len(used) >= 15 and len(sources["deploy/smoke.sh"]) >= 8, used  # extraction works
     for where, names in sources.items():
         unknown = {n for n in names if n.startswith("STREAMCL_")} - SETTING_VARS
         assert not unknown, (f"{where} sets {sorted(unknown)}, which are not settings of "
@@ -290,12 +300,17 @@ def test_the_deployments_settings_are_valid(monkeypatch: pytest.MonkeyPatch) -> 
     image_env = {k: v for k, v in dockerfile_env().items() if k.startswith("STREAMCL_")}
     trainer = compose()["services"]["trainer"]
     s = _settings_from_env(monkeypatch, image_env | compose_env(trainer))
-    assert s.bootstrap_servers == "kafka:9092" and s.metrics_port == 9100
+    assert s.kafka.bootstrap_servers == "kafka:9092" and s.metrics.port == 9100
+    assert s.learner.input_shape == [64] and s.publication.every_samples == 1000
     cm = k8s_manifests()["ConfigMap"]["data"]
     s = _settings_from_env(monkeypatch, image_env | cm)
-    assert str(s.snapshot_dir).startswith("/data/") and s.registry.startswith("/data/")
-    s = _settings_from_env(monkeypatch, image_env | {"STREAMCL_INPUT_SHAPE": "[784]"})
-    assert (str(s.snapshot_dir), s.registry) == ("/data/snapshots", "/data/registry")
+    assert str(s.snapshots.dir).startswith("/data/") and s.publication.registry.startswith("/data/")
+    assert s.learner.params == {"mem_size": 500} and s.learner.torch_threads == 2
+    s = _settings_from_env(monkeypatch, image_env | smoke_env())
+    assert (s.journal.name, s.learner.hidden, s.snapshots.every_batches) == ("smoke", [64], 50)
+    s = _settings_from_env(monkeypatch, image_env | {"STREAMCL_LEARNER__INPUT_SHAPE": "[784]"})
+    assert (str(s.snapshots.dir), s.publication.registry) == ("/data/snapshots", "/data/registry")
+
 
 
 def test_every_compose_command_line_parses_with_the_cli() -> None:
@@ -314,14 +329,14 @@ def test_the_producer_feeds_the_trainer(tmp_path: Path) -> None:
     args = {a[0]: parse_cli(a, f"compose service {s}") for s, a in compose_command_lines()}
     trainer = compose_env(compose()["services"]["trainer"])
     produce, datasets = args["produce"], args["datasets"]
-    assert produce.topic == trainer["STREAMCL_TOPIC"]
-    assert produce.bootstrap == trainer["STREAMCL_BOOTSTRAP_SERVERS"]
-    assert produce.encoding == trainer.get("STREAMCL_ENCODING", "binary")
+    assert produce.topic == trainer["STREAMCL_CONSUMER__TOPIC"]
+    assert produce.bootstrap == trainer["STREAMCL_KAFKA__BOOTSTRAP_SERVERS"]
+    assert produce.encoding == trainer.get("STREAMCL_CONSUMER__ENCODING", "binary")
     assert produce.data.parent == datasets.out
     written = {p.name: p for p in write_datasets(tmp_path, seed=datasets.seed)}
     assert produce.data.name in written, sorted(written)
     shape = load_stream(written[produce.data.name]).input_shape
-    assert list(shape) == json.loads(trainer["STREAMCL_INPUT_SHAPE"])
+    assert list(shape) == json.loads(trainer["STREAMCL_LEARNER__INPUT_SHAPE"])
 
 
 def test_the_image_and_k8s_commands_parse_with_the_cli() -> None:
@@ -360,9 +375,9 @@ def test_dockerfile_contract() -> None:
     keys = [k for k, _ in stage]
     run = dict(stage)
     assert run["USER"].split(":")[0] == "10001"
-    assert run["EXPOSE"] == "9100" == dockerfile_env()["STREAMCL_METRICS_PORT"]
+    assert run["EXPOSE"] == "9100" == dockerfile_env()["STREAMCL_METRICS__PORT"]
     assert run["VOLUME"] == "/data"
-    assert "/healthz" in run["HEALTHCHECK"] and "STREAMCL_METRICS_PORT" in run["HEALTHCHECK"]
+    assert "/healthz" in run["HEALTHCHECK"] and "STREAMCL_METRICS__PORT" in run["HEALTHCHECK"]
     assert "COPY" in keys and "--from=builder" in run["COPY"]
     assert keys.index("USER") > keys.index("RUN"), "drop root only after the setup"
     assert any(k == "LABEL" for k in keys)
@@ -401,7 +416,7 @@ def test_compose_wiring() -> None:
     assert set(listeners) == set(protocol_map)
     assert set(advertised) <= set(listeners) and "CONTROLLER" not in advertised
     trainer_env = compose_env(services["trainer"])
-    assert trainer_env["STREAMCL_BOOTSTRAP_SERVERS"] == advertised["PLAINTEXT"]
+    assert trainer_env["STREAMCL_KAFKA__BOOTSTRAP_SERVERS"] == advertised["PLAINTEXT"]
 
     for name in ("trainer", "producer"):
         svc = services[name]
@@ -418,7 +433,7 @@ def test_compose_wiring() -> None:
             else:
                 assert source in c["volumes"], volume
 
-    port = trainer_env["STREAMCL_METRICS_PORT"]
+    port = trainer_env["STREAMCL_METRICS__PORT"]
     assert f"{port}:{port}" in services["trainer"]["ports"]
     scrape = yaml_doc(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"]
     job = next(j for j in scrape if j["job_name"] == "streamcl")
@@ -450,7 +465,7 @@ def test_k8s_manifests_agree_with_each_other_and_the_image() -> None:
     assert container["image"] == STREAMCL_IMAGE
     assert {"configMapRef": {"name": cm["metadata"]["name"]}} in container["envFrom"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    metrics_port = int(cm["data"]["STREAMCL_METRICS_PORT"])
+    metrics_port = int(cm["data"]["STREAMCL_METRICS__PORT"])
     assert ports == {"metrics": metrics_port}
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
                         ("startupProbe", "/healthz")):
@@ -474,7 +489,7 @@ def test_k8s_manifests_agree_with_each_other_and_the_image() -> None:
     mounts = {v["mountPath"]: v["name"] for v in container["volumeMounts"]}
     assert volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"] == \
         pvc["metadata"]["name"]
-    for key in ("STREAMCL_SNAPSHOT_DIR", "STREAMCL_REGISTRY"):
+    for key in ("STREAMCL_SNAPSHOTS__DIR", "STREAMCL_PUBLICATION__REGISTRY"):
         assert cm["data"][key].startswith("/data/"), key
 
     monitor = yaml_doc(K8S / "servicemonitor.yaml")
@@ -689,7 +704,7 @@ class LiveService:
         self.failure = (f"`streamcl run` did not answer {status} on http://127.0.0.1:"
                         f"{self.port}{path} within {SERVICE_START_S:.0f} s (last: {last}). The "
                         "service must serve /metrics, /healthz and /readyz on "
-                        f"STREAMCL_METRICS_PORT; its output:\n{self.output()}")
+                        f"STREAMCL_METRICS__PORT; its output:\n{self.output()}")
         pytest.fail(self.failure)
 
     def output(self) -> str:
@@ -701,11 +716,12 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServi
     tmp = tmp_path_factory.mktemp("live")
     config = tmp / "streamcl.yaml"
     config.write_text(yaml.safe_dump({
-        "input_shape": [64], "hidden": [16], "strategy": "er",
-        "snapshot_dir": str(tmp / "snapshots"), "registry": str(tmp / "registry")}))
+        "learner": {"input_shape": [64], "hidden": [16], "strategy": "er"},
+        "snapshots": {"dir": str(tmp / "snapshots")},
+        "publication": {"registry": str(tmp / "registry")}}))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCL_")}
-    env |= {"STREAMCL_METRICS_PORT": str(port), "STREAMCL_METRICS_HOST": "127.0.0.1",
+    env |= {"STREAMCL_METRICS__PORT": str(port), "STREAMCL_METRICS__HOST": "127.0.0.1",
             "OMP_NUM_THREADS": "1"}
     log = tmp / "service.log"
     with log.open("wb") as out:

@@ -9,7 +9,7 @@ from types import ModuleType
 
 import pytest
 
-from streamcl.settings import Settings
+from streamcl.settings import env_name, sections
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
@@ -41,9 +41,9 @@ def test_generator_check_mode_flags_a_stale_readme(tmp_path: Path, gen_reference
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     stale = tmp_path / "README.md"
     text = gen_reference.splice(README.read_text())  # fresh, whatever the checkout's state
-    stale.write_text(text.replace("| `batch_size` |", "| `batch_size_old` |", 1))
+    stale.write_text(text.replace("| `consumer.batch_size` |", "| `batch_size` |", 1))
     assert gen_reference.main(["--check", "--readme", str(stale)]) == 1
-    assert "-| `batch_size_old` |" in capsys.readouterr().out  # the diff names the stale row
+    assert "-| `batch_size` |" in capsys.readouterr().out  # the diff names the stale row
     assert gen_reference.main(["--readme", str(stale)]) == 0
     assert stale.read_text() == text
 
@@ -51,7 +51,10 @@ def test_generator_check_mode_flags_a_stale_readme(tmp_path: Path, gen_reference
 def test_every_setting_is_in_the_reference_with_a_description(gen_reference: ModuleType
                                                               ) -> None:
     table = gen_reference.render_config()
-    for name, field in Settings.model_fields.items():
-        assert f"`STREAMCL_{name.upper()}`" in table, name
-        assert gen_reference.setting_description(name, field), (
-            f"setting {name} has no description: give it Field(description=...)")
+    for section, model in sections().items():
+        assert f"**`{section}`**" in table, section  # one table per section
+        for name, field in model.model_fields.items():
+            assert f"| `{section}.{name}` | `{env_name(section, name)}` |" in table, name
+            assert gen_reference.setting_description(name, field), (
+                f"setting {section}.{name} has no description: give it "
+                "Field(description=...)")

@@ -14,7 +14,6 @@ from kafka import KafkaConsumer, TopicPartition
 
 from streamcl.cli import main
 from streamcl.registry import ModelRegistry, models_topic
-from streamcl.settings import Settings
 
 Publish = Callable[..., dict[str, Any]]
 
@@ -115,11 +114,10 @@ def test_config_supplies_location_and_announces(
     settings, and promote/rollback are announced on <name>.models."""
     monkeypatch.chdir(tmp_path)
     name = f"svc-{uuid.uuid4().hex[:8]}"
-    location = tmp_path / "registry"  # the setting's default, relative to the working dir
-    config = {"input_shape": [64], "name": name, "bootstrap_servers": kafka_bootstrap}
-    if "registry" in Settings.model_fields:  # the setting arrives with the service's registry
-        location = tmp_path / "models"
-        config["registry"] = str(location)
+    location = tmp_path / "models"
+    config = {"learner": {"input_shape": [64]}, "journal": {"name": name},
+              "kafka": {"bootstrap_servers": kafka_bootstrap},
+              "publication": {"registry": str(location)}}
     (tmp_path / "service.yaml").write_text(json.dumps(config))  # JSON is YAML
     registry = ModelRegistry(location)
     publish(registry, 0, aliases=["production"])

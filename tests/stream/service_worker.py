@@ -14,6 +14,8 @@ import sys
 import threading
 import time
 
+import torch
+
 from streamcl.service import TrainerService, install_sigterm
 from streamcl.stream.journal import JournalFenced
 from streamcl.trainer import TrainerConfig
@@ -29,8 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--session-timeout-ms", type=int, default=6000)
     ap.add_argument("--until", type=int, default=None)
     ap.add_argument("--pace", type=float, default=0.0, help="seconds to sleep after each step")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (results are bit-exact at one thread count only)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    torch.set_num_threads(args.threads)
     stop = threading.Event()
     install_sigterm(stop)
     service = TrainerService(

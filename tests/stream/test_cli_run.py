@@ -47,11 +47,12 @@ def test_run_trains_drains_on_sigterm_and_replay_agrees(tmp_path: Path, kafka_bo
     produce_stream(data, kafka_bootstrap, topic)
     name = f"svc-{uuid.uuid4().hex[:8]}"
     config = tmp_path / "streamcl.yaml"
-    config.write_text(f"topic: {topic}\nname: {name}\ninput_shape: [16]\nhidden: [8]\n"
-                      "strategy: er\nbatch_size: 999\nsnapshot_every_batches: 3\n")
-    env = {**os.environ, "STREAMCL_BOOTSTRAP_SERVERS": kafka_bootstrap,
-           "STREAMCL_BATCH_SIZE": "20",  # the environment overrides the file's 999
-           "STREAMCL_SNAPSHOT_DIR": str(tmp_path / "snaps")}
+    config.write_text(f"consumer: {{topic: {topic}, batch_size: 999}}\njournal: {{name: {name}}}\n"
+                      "learner: {input_shape: [16], hidden: [8], strategy: er}\n"
+                      "snapshots: {every_batches: 3}\n")
+    env = {**os.environ, "STREAMCL_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+           "STREAMCL_CONSUMER__BATCH_SIZE": "20",  # overrides the file's 999, keeps its topic
+           "STREAMCL_SNAPSHOTS__DIR": str(tmp_path / "snaps")}
     proc = subprocess.Popen([sys.executable, "-m", "streamcl.cli", "run", "--config",
                              str(config)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -68,7 +69,7 @@ def test_run_trains_drains_on_sigterm_and_replay_agrees(tmp_path: Path, kafka_bo
     with Journal(kafka_bootstrap, journal_topic(name)) as journal:
         last = journal.last()
         sizes = [e.samples for e in journal.read() if e.type == "batch"]
-    assert max(sizes) == 20 and sum(sizes) == len(data)  # STREAMCL_BATCH_SIZE beat the file
+    assert max(sizes) == 20 and sum(sizes) == len(data)  # the environment beat the file
     assert last is not None and last.type == "snapshot"   # drained: snapshot last
     assert list(Path(tmp_path / "snaps").glob("snapshot-*.safetensors"))
 
@@ -79,17 +80,20 @@ def test_run_trains_drains_on_sigterm_and_replay_agrees(tmp_path: Path, kafka_bo
 
 def test_run_refuses_an_invalid_setting_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text("input_shape: [16]\nbatch_size: -3\n")
+    config.write_text("learner: {input_shape: [16]}\nconsumer: {batch_size: -3}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCL_")}
     proc = subprocess.run([sys.executable, "-m", "streamcl.cli", "run", "--config",
-                           str(config)], capture_output=True, text=True, timeout=60)
+                           str(config)], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "batch_size" in lines[0], proc.stderr
+    assert len(lines) == 1 and "consumer.batch_size" in lines[0], proc.stderr
+    assert "STREAMCL_CONSUMER__BATCH_SIZE" in lines[0], proc.stderr
 
 
 def test_run_without_bootstrap_starts_and_stops_the_embedded_broker(tmp_path: Path) -> None:
     config = tmp_path / "streamcl.yaml"
-    config.write_text(f"input_shape: [16]\nhidden: [8]\nsnapshot_dir: {tmp_path / 's'}\n")
+    config.write_text(f"learner: {{input_shape: [16], hidden: [8]}}\n"
+                      f"snapshots: {{dir: {tmp_path / 's'}}}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCL_")}
     proc = subprocess.Popen([sys.executable, "-m", "streamcl.cli", "run", "--config",
                              str(config)], env=env, stdout=subprocess.PIPE,

@@ -35,7 +35,8 @@ from streamcl.stream.producer import produce_stream
 from streamcl.trainer import OnlineTrainer, TrainerConfig
 
 N, BATCH = 1000, 16
-CONFIG = TrainerConfig(input_shape=(64,), hidden=(32,), boundaries="task", lr=0.1, seed=5)
+CONFIG = TrainerConfig(input_shape=(64,), hidden=(32,), strategy="naive", boundaries="task",
+                       lr=0.1, seed=5)
 
 
 def _stream() -> Stream:

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,16 @@ def _service(bootstrap: str, topic: str, name: str, snapdir: Path) -> TrainerSer
 
 def _drained(service: TrainerService) -> bool:
     return service.offsets.get(0, 0) >= N_TOTAL
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Every run here (in-process, worker processes, replays) at one torch thread: results are
+    bit-exact at one thread count only, which the journal does not record yet (issue 12)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def test_time_triggered_snapshots(kafka_bootstrap: str, topic: str, tmp_path: Pa
                   rng.integers(0, 3, 120).astype(np.int64))
     produce_stream(data, kafka_bootstrap, topic)
     name = f"svc-timer-{uuid.uuid4().hex[:8]}"
-    service = TrainerService(TrainerConfig(input_shape=(8,), hidden=(4,)),
+    service = TrainerService(TrainerConfig(input_shape=(8,), hidden=(4,), strategy="naive"),
                              bootstrap=kafka_bootstrap, topic=topic, name=name, group_id=name,
                              snapshot_dir=str(tmp_path), batch_size=10, max_wait_s=0.5,
                              snapshot_every_batches=10**6, snapshot_every_s=1e-6,
