@@ -44,6 +44,7 @@ from streamcl.registry.holdout import Holdout
 from streamcl.registry.publisher import Publisher
 from streamcl.stream.consumer import BatchConsumer, MicroBatch
 from streamcl.stream.entries import (
+    Batch,
     Entry,
     HoldoutSpec,
     Publish,
@@ -212,7 +213,8 @@ class TrainerService:
         """An entry re-applied during recovery: verdicts restore the publisher (and publish
         what the registry lacks); the journal-lag metrics follow the progress."""
         progress = self._progress
-        progress.started = progress.started or time.monotonic()
+        if isinstance(entry, Batch):  # the consumer process is up: replay's rate starts here
+            progress.started = progress.started or time.monotonic()
         if isinstance(entry, Verdict) and self.publisher is not None:
             progress.republished += self._replay_verdict(entry, learner)
         self.metrics.set_journal(max(0, progress.end - 1 - entry.seq),
