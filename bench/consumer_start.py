@@ -9,7 +9,8 @@ runs, each run in a fresh consumer group (a restarted service joins a group too)
 * ``hold + seek`` / ``hold + seek_to_beginning``: the service's path, constructed with
   ``hold_until_seek=True`` and then sought at once (its recovery took no time);
 
-and the parts, measured apart:
+and the parts, measured apart (the consumer assigns its partitions and joins no group, so
+``connect``/``group join``/``first fetch`` show what a subscribing consumer would cost instead):
 
 * ``interpreter``: ``python -c pass``;
 * ``child imports``: a fresh interpreter importing ``streamcl.stream.prefetch`` (what the child

@@ -362,9 +362,10 @@ class TrainerService:
         """Save the state covering every journal entry so far; journal it; commit offsets.
 
         The order is the point: (1) every entry the state depends on is acknowledged, (2) the
-        state is saved (atomically), (3) the snapshot is journaled, (4) the consumer group's
-        offsets follow. A crash between any two leaves a log that recovery rebuilds the same
-        state from. Returns the entry, or ``None`` when the last snapshot already covers it all.
+        state is saved (atomically), (3) the snapshot is journaled and acknowledged, (4) the
+        consumer group's offsets follow. A crash between any two leaves a log that recovery
+        rebuilds the same state from. Returns the entry, or ``None`` when the last snapshot
+        already covers it all.
         """
         learner = self._learner()
         covers = self.journal.next_seq - 1
@@ -388,6 +389,7 @@ class TrainerService:
         self._since_snapshot = 0
         self._last_snapshot_t = time.monotonic()
         if offsets:
+            self._outside()  # the snapshot entry too: a fenced writer learns it here at last
             self.consumer.commit(offsets)
         return entry
 

@@ -22,15 +22,27 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import kafka  # noqa: F401
 
+from typing import Any
+
 from streamcl.stream.messages import (
     REASONS,
     Decoder,
     Rejection,
     Sample,
-    SampleMessage,
     encode_binary,
     encode_json,
 )
+
+
+def __getattr__(name: str) -> Any:
+    """``SampleMessage`` on first use (pydantic's import is kept off the consumer process's
+    start: :mod:`streamcl.stream.schema`)."""
+    if name == "SampleMessage":
+        from streamcl.stream.schema import SampleMessage
+
+        return SampleMessage
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "REASONS",

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata
 
 from streamcl.stream.dead_letter import DeadLetterError, DeadLetterWriter
@@ -114,7 +113,8 @@ _UNSET = object()
 
 
 class BatchConsumer:
-    """Validated micro-batches from ``topic`` in consumer group ``group_id``.
+    """Validated micro-batches from every partition of ``topic``; offsets committed to consumer
+    group ``group_id``.
 
     ``poll_batch`` returns up to ``max_records`` valid samples, or fewer once ``max_wait_s``
     has passed; with ``cut_at_task_change`` a batch never straddles a change of the producer's
@@ -123,11 +123,11 @@ class BatchConsumer:
     security settings (:func:`~streamcl.stream.broker.kafka_config`); ``consumer_config``
     overrides any kafka-python consumer setting.
 
-    ``session_timeout_ms`` defaults to 10 s rather than kafka-python's 45 s: the embedded tansu
-    broker completes a group's first join only after half the session timeout.
-
-    Delivery is at least once: after a rebalance (or a restart) a partition is read again from
-    its committed offset, so batches returned but not yet committed come again.
+    The partitions are assigned, not subscribed (:meth:`_assign_every_partition` says why): no
+    group join, no rebalance. Without a :meth:`seek`, a partition starts at the group's
+    committed offset (else ``auto_offset_reset``), so after a restart batches returned but not
+    yet committed come again: delivery is at least once. ``session_timeout_ms`` is kept for
+    callers; with no group membership it bounds nothing.
 
     A :class:`~streamcl.stream.sources.BatchSource` and a
     :class:`~streamcl.stream.sources.RangeSource`.
@@ -153,8 +153,6 @@ class BatchConsumer:
         #: rejected messages seen by poll_batch, by reason code (replays are not counted)
         self.rejections: Counter[str] = Counter()
         self._pending: deque[_Item] = deque()
-        self._revoked: set[int] = set()
-        self._seek_to: dict[int, int] = {}
         #: join the group but fetch nothing until the first seek (a recovering service knows
         #: where to start only after its replay, and must not have its CPU taken meanwhile)
         self._hold = hold_until_seek
@@ -165,7 +163,34 @@ class BatchConsumer:
         self._consumer = KafkaConsumer(**{
             **self._config, "bootstrap_servers": bootstrap, "group_id": group_id,
             "enable_auto_commit": False, "value_deserializer": None, "key_deserializer": None})
-        self._consumer.subscribe([topic], listener=_Listener(self))
+        try:
+            self._assign_every_partition()
+        except BaseException:
+            self._consumer.close(autocommit=False)
+            raise
+
+    def _assign_every_partition(self, timeout_s: float = 30.0) -> None:
+        """Take every partition of the topic, without a group join.
+
+        Why not subscribe: one learner reads the whole topic (a second instance of the same
+        learner is fenced by the journal, a different learner has its own group), and where
+        to read is decided by the journal, not by the group; a group join only adds its wait
+        (tansu answers a new group's first join after half the session timeout: 5 s of every
+        start). The group still holds the committed offsets, for other tools and for where to
+        start without a journal. Partitions added to the topic later are read after a restart.
+        """
+        deadline = time.monotonic() + timeout_s
+        parts = self._consumer.partitions_for_topic(self.topic)
+        while not parts and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling interval of a metadata refresh
+            parts = self._consumer.partitions_for_topic(self.topic)
+        if not parts:
+            raise TimeoutError(f"no topic {self.topic!r} on {self.bootstrap} after "
+                               f"{timeout_s:g} s")
+        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        self._consumer.assign(tps)
+        if self._hold:
+            self._consumer.pause(*tps)
 
     # -- the live stream ----------------------------------------------------------------------
     def poll_batch(self, max_records: int, max_wait_s: float,
@@ -218,8 +243,6 @@ class BatchConsumer:
             decode = self.decoder.decode
             for recs in records.values():
                 self._pending.extend((r, decode(r.value, r.headers)) for r in recs)
-            if self._revoked:
-                valid, key = self._drop_revoked(items)
         if not items:
             return None
         rejected = [(r, d) for r, d in items if isinstance(d, Rejection)]
@@ -234,17 +257,10 @@ class BatchConsumer:
                                for p, o in offsets.items()})
 
     def seek(self, offsets: dict[int, int]) -> None:
-        """Continue the live stream at these next-offsets (e.g. the end of a replayed journal).
-
-        Applied now to partitions already assigned, else once when they are assigned.
-        """
-        assigned = {tp.partition for tp in self._consumer.assignment()}
+        """Continue the live stream at these next-offsets (e.g. the end of a replayed journal)."""
         for p, o in offsets.items():
-            if p in assigned:
-                self._consumer.seek(TopicPartition(self.topic, p), o)
-                self._pending = deque(it for it in self._pending if it[0].partition != p)
-            else:
-                self._seek_to[p] = o
+            self._consumer.seek(TopicPartition(self.topic, p), o)
+            self._pending = deque(it for it in self._pending if it[0].partition != p)
         self._release()
 
     def _release(self) -> None:
@@ -302,18 +318,8 @@ class BatchConsumer:
         """What may not change inside a batch: the element type, and the task if asked."""
         return (sample.x.dtype, sample.task) if self.cut_at_task_change else (sample.x.dtype,)
 
-    def _drop_revoked(self, items: list[_Item]) -> tuple[int, Any]:
-        """Forget records of partitions taken away by a rebalance (whoever is assigned them
-        next reads them again from the committed offset); return the batch's new (valid, key).
-        """
-        gone, self._revoked = self._revoked, set()
-        items[:] = [it for it in items if it[0].partition not in gone]
-        self._pending = deque(it for it in self._pending if it[0].partition not in gone)
-        samples = [d for _, d in items if isinstance(d, Sample)]
-        return len(samples), (self._key(samples[0]) if samples else _UNSET)
-
     def close(self) -> None:
-        """Leave the group without committing anything, and flush pending dead letters."""
+        """Close without committing anything, and flush pending dead letters."""
         self.dead_letters.close()
         if self._replay is not None:
             self._replay.close()
@@ -416,19 +422,3 @@ class RangeReader:
 
     def close(self) -> None:
         self._consumer.close(autocommit=False)
-
-
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, owner: BatchConsumer) -> None:
-        self.owner = owner
-
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        self.owner._revoked.update(tp.partition for tp in revoked)
-
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        owner = self.owner
-        for tp in assigned:
-            if tp.partition in owner._seek_to:
-                owner._consumer.seek(tp, owner._seek_to.pop(tp.partition))
-        if owner._hold:
-            owner._consumer.pause(*assigned)

@@ -40,10 +40,9 @@ import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, ValidationError
 
 H_DTYPE = "streamcl-dtype"
 H_SHAPE = "streamcl-shape"
@@ -72,29 +71,6 @@ REASONS: dict[str, str] = {
 }
 
 Encoding = Literal["auto", "json", "binary"]
-
-_NonNegInt = Annotated[int, Strict(), Field(ge=0, le=INT64_MAX)]
-_Int64 = Annotated[int, Strict(), Field(ge=INT64_MIN, le=INT64_MAX)]
-_FiniteFloat = Annotated[float, Strict(), AllowInfNan(False)]
-
-
-class SampleMessage(BaseModel):
-    """Schema of a JSON sample message (``x``'s numbers and shape are checked with numpy).
-
-    Strict types: ``"3"`` or ``2.5`` is not a label, because silently coercing a producer's
-    mistake would train the model on the wrong class. Unknown fields are ignored so producers
-    can add their own.
-    """
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-    x: list[Any]
-    y: _NonNegInt
-    task: _Int64 | None = None
-    id: Annotated[str, Strict()] | None = None
-    ts: _FiniteFloat | None = None
-    dtype: Annotated[str, Strict()] | None = None
-
 
 @dataclass(frozen=True, slots=True)
 class Sample:
@@ -312,10 +288,16 @@ class Decoder:
             raise _Reject("bad_json: nested too deeply") from None
         if not isinstance(obj, dict):
             raise _Reject(f"bad_schema: expected a JSON object, got {type(obj).__name__}")
+        from streamcl.stream.schema import (  # at the first JSON message
+            SampleMessage,
+            ValidationError,
+            schema_reason,
+        )
+
         try:
             msg = SampleMessage.model_validate(obj)
         except ValidationError as exc:
-            raise _Reject(_schema_reason(exc)) from None
+            raise _Reject(schema_reason(exc)) from None
         if msg.dtype is None:
             dt = self.json_dtype
         else:
@@ -355,24 +337,6 @@ def _cast(arr: np.ndarray, dt: np.dtype) -> np.ndarray:
     if lo < info.min or hi > info.max:
         raise _Reject(f"bad_dtype: x out of range for {dt.name} [{info.min}, {info.max}]")
     return arr.astype(dt)
-
-
-_FIELD_CODES = {"x": "bad_shape", "y": "bad_label", "task": "bad_task", "id": "bad_meta",
-                "ts": "bad_meta", "dtype": "bad_dtype"}
-_FIELD_RULES = {"x": "x must be a list", "y": "y must be a non-negative integer",
-                "task": "task must be an integer", "id": "id must be a string",
-                "ts": "ts must be a finite number", "dtype": "dtype must be a string"}
-
-
-def _schema_reason(exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
-    field = str(err["loc"][0]) if err["loc"] else "x"
-    code = _FIELD_CODES.get(field, "bad_schema")
-    if field == "x" and err["type"] == "missing":
-        return "bad_schema: x missing"
-    if err["type"] == "missing":
-        return f"{code}: {field} missing"
-    return f"{code}: {_FIELD_RULES.get(field, field)}, got {_clip(repr(err.get('input')))}"
 
 
 # -- header parsing -----------------------------------------------------------------------------

@@ -279,7 +279,7 @@ def test_a_second_instance_fences_the_first(kafka_bootstrap: str, data: tuple[st
     topic, _ = data
     name = _uid("fence")
     # separate consumer groups: both keep reading the input, so the first one keeps trying
-    first = _start(kafka_bootstrap, topic, name, tmp_path / "a", until=True, pace=0.05,
+    first = _start(kafka_bootstrap, topic, name, tmp_path / "a", until=True, pace=0.2,
                    group=f"{name}-a")
     with Journal(kafka_bootstrap, journal_topic(name), create=False) as journal:
         _wait_for_seq(journal, first, 10)
