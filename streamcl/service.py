@@ -458,7 +458,7 @@ def service_from_settings(settings: Settings, bootstrap: str
         # consumer
         topic=consumer.topic, group_id=settings.group_id(), encoding=consumer.encoding,
         batch_size=consumer.batch_size, max_wait_s=consumer.max_wait_s,
-        prefetch=consumer.prefetch, session_timeout_ms=consumer.session_timeout_ms,
+        prefetch=consumer.prefetch,
         # snapshots
         snapshot_dir=str(snapshots.dir), snapshot_every_batches=snapshots.every_batches,
         snapshot_every_s=snapshots.every_s, keep_snapshots=snapshots.keep,

@@ -157,10 +157,6 @@ class ConsumerSettings(Section):
     max_wait_s: PositiveFloat = Field(
         0.5, description='longest wait for a micro-batch to fill before a partial one is trained')
     prefetch: bool = Field(True, description="consume in a child process, one batch ahead")
-    session_timeout_ms: PositiveInt = Field(
-        10_000,
-        description="consumer group session timeout: a consumer silent this long loses its "
-                    "partitions (the embedded broker answers a first join after half of it)")
 
 
 class JournalSettings(Section):

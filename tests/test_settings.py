@@ -46,8 +46,7 @@ learner: {{input_shape: [1, 8, 8], model: cnn, hidden: [4], strategy: er,
           params: {{mem_size: 50}}, monitor: loss, torch_threads: 2}}
 kafka: {{bootstrap_servers: "k1:9092,k2:9092", security_protocol: SSL,
         ssl_cafile: {tmp_path / "ca.pem"}}}
-consumer: {{topic: digits, encoding: json, batch_size: 8, prefetch: false,
-           session_timeout_ms: 6000}}
+consumer: {{topic: digits, encoding: json, batch_size: 8, prefetch: false}}
 journal: {{name: learner-7}}
 snapshots: {{dir: /data/snaps, every_batches: 5, every_s: null, keep: 2}}
 publication: {{registry: "s3://models/x", every_samples: null, gate_tolerance: 0.1}}
@@ -58,8 +57,7 @@ metrics: {{port: 0, window: 50}}
     assert (s.learner.monitor, s.learner.torch_threads) == ("loss", 2)
     assert s.kafka.client_config() == {"security_protocol": "SSL",
                                        "ssl_cafile": str(tmp_path / "ca.pem")}
-    assert (s.consumer.topic, s.consumer.batch_size, s.consumer.prefetch,
-            s.consumer.session_timeout_ms) == ("digits", 8, False, 6000)
+    assert (s.consumer.topic, s.consumer.batch_size, s.consumer.prefetch) == ("digits", 8, False)
     assert s.group_id() == "learner-7"  # no consumer.group_id: the learner's name
     assert (s.snapshots.dir, s.snapshots.every_s, s.snapshots.keep) == (Path("/data/snaps"),
                                                                         None, 2)
