@@ -36,7 +36,7 @@ from streamcl.registry.holdout import (
     negative_flip_rate,
 )
 from streamcl.registry.model import InferenceModel, export_model
-from streamcl.registry.registry import PRODUCTION, ModelRegistry
+from streamcl.registry.registry import PRODUCTION, ModelRegistry, RegistryError
 from streamcl.stream.entries import Evaluation, Gate, Publish, Reject, Verdict, config_hash
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ class PublishPolicy:
     every_s: float | None = None
     at_experience_end: bool = True
     tolerance: float = 0.02
+    #: retention after each publication (:meth:`ModelRegistry.gc`); ``None``: keep every version
+    keep_versions: int | None = None
+    keep_alias_history: int | None = None
 
 
 @dataclass
@@ -185,6 +188,11 @@ class Publisher:
         if self.registry.exists(entry.version):
             self.production_version = entry.version
             return False
+        newest = self.registry.latest()
+        if newest is not None and newest > entry.version:
+            # a later version made it to the registry, so this one did too: retention (or an
+            # operator's gc) removed it since, which a replay must not undo
+            return False
         log.warning("v%d was journaled but not in the registry: publishing it now",
                     entry.version)
         tensors, section = export_model(learner.trainer)
@@ -222,10 +230,26 @@ class Publisher:
             version=entry.version, aliases=(PRODUCTION,))
         self.production = InferenceModel(candidate.tensors, manifest)
         self.production_version = entry.version
+        if self.policy.keep_versions:
+            self.prune()
         if self.announcer is not None:
             self.announcer.announce(announcement("publish", entry.version, alias=PRODUCTION,
                                                  registry=self.registry.url))
         return manifest
+
+    def prune(self) -> list[int]:
+        """Apply the retention policy; return the versions removed. A failure is logged, not
+        raised: the version is committed and production moved, and a registry that cannot
+        shed old versions is an operator's problem, not a reason to stop learning."""
+        try:
+            removed = self.registry.gc(self.policy.keep_versions or 0,
+                                       keep_history=self.policy.keep_alias_history).removed
+        except (RegistryError, OSError) as exc:
+            log.warning("retention after v%s skipped: %s", self.production_version, exc)
+            return []
+        if removed:
+            log.info("retention removed %d old version(s)", len(removed))
+        return removed
 
     def close(self) -> None:
         if self.announcer is not None:

@@ -19,6 +19,24 @@ old pointer or the new one. :meth:`~ModelRegistry.rollback` moves an alias back 
 pointed at before, skipping versions it was rolled back from (``rolled_back``), so rolling back
 twice goes two steps back instead of toggling between two versions.
 
+**Verify before acting.** An alias is only ever moved by an operator to a version that
+:meth:`~ModelRegistry.verify` accepts (manifest parses, weights match its SHA-256), because a
+pointer to a broken version is an outage that shows up later, at the next service start. The
+operator's views degrade instead of failing: :meth:`~ModelRegistry.check` reports each version
+as usable or why not, :meth:`~ModelRegistry.scan_aliases` reports a damaged alias file beside the
+readable ones, a plain rollback skips versions that no longer verify, and a damaged alias file is
+rewritten (fresh history) by the next promote or ``rollback --to``.
+
+**Writes fail whole.** A write the storage refuses (read-only, full, no permission) raises
+:class:`RegistryWriteError` — one line with the path, the OS's reason and the fix — after the
+half-written version is removed, so the previous state is what remains and a restart does not
+find a growing pile of partial directories.
+
+**Retention.** :meth:`~ModelRegistry.gc` removes all but the newest ``keep`` versions, never one
+an alias points at or (by default) ever pointed at: those are what a rollback or an audit needs.
+A version is removed manifest first, so a crash half way leaves an uncommitted directory that
+every reader already ignores.
+
 **One writer.** The registry is written by the trainer service (publications) and by an operator
 (promote/rollback through ``streamcl registry``); two processes publishing at once is not a
 supported setup. Version numbers come from the writer: the service journals the number it is
@@ -28,14 +46,17 @@ that version was committed with the same weights (:meth:`~ModelRegistry.publish`
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -43,7 +64,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from streamcl.registry.model import InferenceModel
-from streamcl.registry.store import Store, check_path, open_store
+from streamcl.registry.store import OutsideStoreError, Store, check_path, open_store
 
 FORMAT = 1
 PRODUCTION = "production"
@@ -71,6 +92,49 @@ class CorruptVersionError(RegistryError):
 
 class VersionConflictError(RegistryError):
     """Publishing a version number that is already committed with different weights."""
+
+
+class DamagedAliasError(RegistryError):
+    """An alias file that is not a readable alias record (its history is lost with it)."""
+
+
+class RegistryWriteError(RegistryError):
+    """The storage refused a write (read-only, full, no permission); nothing half-written is
+    left behind, and the message names the path, the reason and the fix."""
+
+
+#: what an operator can do about a refused write, by errno
+_WRITE_FIXES = {
+    errno.EROFS: "the registry's filesystem is read-only: mount it read-write or point "
+                 "publication.registry at a writable location",
+    errno.ENOSPC: "the disk is full: free space (e.g. `streamcl registry gc --keep N`)",
+    errno.EDQUOT: "the disk quota is used up: free space (e.g. `streamcl registry gc --keep N`)",
+    errno.EACCES: "permission denied: let this user write to the registry directory",
+    errno.EPERM: "permission denied: let this user write to the registry directory",
+}
+
+
+class VersionCheck(NamedTuple):
+    """One version as :meth:`ModelRegistry.check` found it: ``problem`` is ``None`` when it
+    verifies, else why not (``manifest`` is ``None`` when that could not be read either)."""
+
+    version: int
+    manifest: dict[str, Any] | None
+    problem: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+@dataclass
+class Retention:
+    """What :meth:`ModelRegistry.gc` did (or, with ``dry_run``, would do)."""
+
+    removed: list[int] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    #: versions it may not remove, with why (a version directory linked from outside)
+    refused: dict[int, str] = field(default_factory=dict)
 
 
 class _Default:
@@ -178,6 +242,9 @@ class ModelRegistry:
             raw = self.store.read_bytes(f"{_version_dir(version)}/{MANIFEST}")
         except FileNotFoundError:
             raise UnknownVersionError(self._unknown(version)) from None
+        except (OSError, OutsideStoreError) as exc:
+            raise CorruptVersionError(f"{format_version(version)}: cannot read its manifest "
+                                      f"({_reason(exc)})") from None
         try:
             manifest = json.loads(raw)
         except ValueError:
@@ -238,23 +305,31 @@ class ModelRegistry:
                         f"(sha256 {existing.get('sha256', '?')[:12]}..., these "
                         f"{sha[:12]}...); versions are immutable")
                 for name in aliases:
-                    self.set_alias(name, version, reason="publish")
+                    self.set_alias(name, version, reason="publish", verify=False)
                 return existing
         if parent is DEFAULT:
-            parent = self.alias(PRODUCTION)
+            try:
+                parent = self.alias(PRODUCTION)
+            except DamagedAliasError:  # publishing rewrites it; a lost parent is no reason to stop
+                parent = None
         if parent is not None:
             parent = parse_version(parent)
         while True:
             number = version if version is not None else (self.latest() or 0) + 1
             vdir = _version_dir(number)
             committed = None
-            if self._put_weights(vdir, data):
-                manifest = {**dict(manifest_fields), "format": FORMAT, "version": number,
-                            "parent": parent, "created_at": time.time(), "sha256": sha,
-                            "size_bytes": len(data)}
-                body = _dumps(manifest)
-                if self.store.create_exclusive(f"{vdir}/{MANIFEST}", body):
-                    committed = json.loads(body)
+            try:
+                if self._put_weights(vdir, data):
+                    manifest = {**dict(manifest_fields), "format": FORMAT, "version": number,
+                                "parent": parent, "created_at": time.time(), "sha256": sha,
+                                "size_bytes": len(data)}
+                    body = _dumps(manifest)
+                    if self.store.create_exclusive(f"{vdir}/{MANIFEST}", body):
+                        committed = json.loads(body)
+            except (OSError, OutsideStoreError) as exc:
+                self._discard(vdir)
+                raise self._write_error(f"publishing {format_version(number)}", vdir, exc
+                                        ) from None
             if committed is not None:
                 break
             # another writer committed this number after our check (not a supported setup,
@@ -269,8 +344,17 @@ class ModelRegistry:
                                            "concurrently with different weights")
         self._manifests[number] = committed
         for name in aliases:
-            self.set_alias(name, number, reason="publish")
+            self.set_alias(name, number, reason="publish", verify=False)
         return json.loads(json.dumps(committed))
+
+    def _discard(self, vdir: str) -> None:
+        """Remove what a failed publication left in ``vdir`` unless it got committed: a
+        restart that fails the same way must not pile up partial directories."""
+        with contextlib.suppress(OSError, ValueError):
+            if self.store.exists(f"{vdir}/{MANIFEST}"):
+                return
+            for path in {*self.store.list(vdir), f"{vdir}/{WEIGHTS}"}:
+                self.store.delete(path)
 
     def _put_weights(self, vdir: str, data: bytes) -> bool:
         """Write a version's weights; ``False`` if the version turned out to be committed.
@@ -296,6 +380,9 @@ class ModelRegistry:
             data = self.store.read_bytes(f"{_version_dir(manifest['version'])}/{WEIGHTS}")
         except FileNotFoundError:
             raise CorruptVersionError(f"{name}: weights file is missing ({self.url})") from None
+        except (OSError, OutsideStoreError) as exc:
+            raise CorruptVersionError(f"{name}: cannot read its weights ({_reason(exc)})"
+                                      ) from None
         digest = hashlib.sha256(data).hexdigest()
         if digest != manifest.get("sha256"):
             raise CorruptVersionError(
@@ -317,19 +404,78 @@ class ModelRegistry:
                                       "has no 'model' section; it cannot be rebuilt")
         return InferenceModel(tensors, manifest)
 
+    def verify(self, version: int) -> dict[str, Any]:
+        """The manifest of ``version`` once its weights are read and match its SHA-256 (what
+        :meth:`load` checks); :class:`CorruptVersionError` or :class:`UnknownVersionError` if
+        not. Nothing cached is trusted: a file can be damaged, or the version pruned by another
+        process, after it was first read."""
+        self._manifests.pop(parse_version(version), None)
+        return self.load(version)[1]
+
+    def check(self) -> list[VersionCheck]:
+        """Every committed version, verified (weights read and hashed), ascending.
+
+        A broken version is reported, not raised, so that one bad manifest does not hide the
+        rest of the registry from the operator who has to fix it.
+        """
+        out = []
+        for v in self.versions():
+            try:
+                out.append(VersionCheck(v, self.verify(v), None))
+            except RegistryError as exc:
+                manifest = None
+                with contextlib.suppress(RegistryError):
+                    manifest = self.manifest(v)
+                out.append(VersionCheck(v, manifest, _why(v, exc)))
+        return out
+
     # -- aliases --------------------------------------------------------------------------------
     def alias_record(self, name: str) -> dict[str, Any] | None:
         """The alias file's content, or ``None`` if the alias was never set."""
+        path = f"aliases/{_check_alias(name)}.json"
         try:
-            raw = self.store.read_bytes(f"aliases/{_check_alias(name)}.json")
+            raw = self.store.read_bytes(path)
         except FileNotFoundError:
             return None
+        except (OSError, OutsideStoreError) as exc:
+            raise DamagedAliasError(self._damaged(name, f"cannot read it: {_reason(exc)}")
+                                    ) from None
         try:
             record = json.loads(raw)
-            int(record["version"])
+        except ValueError:
+            raise DamagedAliasError(self._damaged(name, "not JSON")) from None
+        try:
+            parse_version(record["version"])
+            for key in ("history", "rolled_back"):
+                if not isinstance(record.get(key, []), list):
+                    raise TypeError
+                for v in record.get(key, []):
+                    parse_version(v)
         except (ValueError, KeyError, TypeError):
-            raise RegistryError(f"alias {name!r}: its file in {self.url} is damaged") from None
+            raise DamagedAliasError(self._damaged(name, "not an alias record")) from None
         return record
+
+    def _damaged(self, name: str, why: str) -> str:
+        return (f"alias {name!r}: its file aliases/{name}.json in {self.url} is damaged ({why}); "
+                f"`streamcl registry promote vN --alias {name}` rewrites it (its history is lost)")
+
+    def scan_aliases(self) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """Every alias's record, and apart from them every damaged alias file with why: the
+        operator's view, which must show the rest when one file is broken."""
+        records, damaged = {}, {}
+        for path in self.store.list("aliases"):
+            name = path.removeprefix("aliases/")
+            if "/" in name or not name.endswith(".json"):
+                continue
+            name = name.removesuffix(".json")
+            try:
+                record = self.alias_record(name)
+            except RegistryError as exc:  # DamagedAliasError, or a name that is not an alias
+                damaged[name] = str(exc)
+                continue
+            if record is not None:
+                records[name] = record
+        return dict(sorted(records.items())), dict(sorted(damaged.items()))
 
     def alias(self, name: str = PRODUCTION) -> int | None:
         """The version ``name`` points at, or ``None``."""
@@ -337,7 +483,8 @@ class ModelRegistry:
         return None if record is None else int(record["version"])
 
     def aliases(self) -> dict[str, int]:
-        """Every alias and the version it points at."""
+        """Every alias and the version it points at (:class:`DamagedAliasError` if a file is
+        damaged; :meth:`scan_aliases` reports it instead)."""
         out = {}
         for path in self.store.list("aliases"):
             name = path.removeprefix("aliases/")
@@ -348,17 +495,33 @@ class ModelRegistry:
                 out[name.removesuffix(".json")] = version
         return dict(sorted(out.items()))
 
-    def set_alias(self, name: str, version: int, reason: str = "set") -> dict[str, Any]:
-        """Point ``name`` at ``version`` (which must be committed); return the new record.
+    def set_alias(self, name: str, version: int, reason: str = "set", *,
+                  verify: bool = True) -> dict[str, Any]:
+        """Point ``name`` at ``version`` (which must be committed and, with ``verify``, pass
+        :meth:`verify`); return the new record.
 
         Setting an alias to the version it already names changes nothing. Otherwise the old
-        version is appended to ``history``, and the file is replaced atomically.
+        version is appended to ``history``, and the file is replaced atomically. A damaged
+        alias file is replaced by a fresh record (its history cannot be read back).
         """
         _check_alias(name)
         version = parse_version(version)
-        if not self.exists(version):
+        try:
+            old = self.alias_record(name)
+        except DamagedAliasError:
+            old = None
+        if verify:
+            try:
+                self.verify(version)
+            except CorruptVersionError as exc:
+                now = ("" if old is None else
+                       f"; it still points at {format_version(int(old['version']))}")
+                raise CorruptVersionError(
+                    f"not moving alias {name!r} to {format_version(version)}: "
+                    f"{_why(version, exc)}{now} (`streamcl registry list` shows which versions "
+                    "verify)") from None
+        elif not self.exists(version):
             raise UnknownVersionError(self._unknown(version))
-        old = self.alias_record(name)
         if old is not None and int(old["version"]) == version:
             return old
         history = list(old.get("history", [])) if old else []
@@ -371,38 +534,135 @@ class ModelRegistry:
             rolled_back = [v for v in rolled_back if v != version]
         record = {"alias": name, "version": version, "updated_at": time.time(),
                   "history": history, "rolled_back": rolled_back, "reason": reason}
-        self.store.write_bytes(f"aliases/{name}.json", _dumps(record))
+        path = f"aliases/{name}.json"
+        try:
+            self.store.write_bytes(path, _dumps(record))
+        except (OSError, OutsideStoreError) as exc:
+            raise self._write_error(f"moving alias {name!r} to {format_version(version)}",
+                                    path, exc) from None
         return record
 
+    def _write_error(self, what: str, path: str, exc: OSError | ValueError) -> RegistryWriteError:
+        fix = _WRITE_FIXES.get(getattr(exc, "errno", None) or -1,
+                               "check the registry's storage and retry")
+        if isinstance(exc, OutsideStoreError):
+            return RegistryWriteError(f"{what}: {exc}")
+        return RegistryWriteError(f"{what}: cannot write {path} in the registry at {self.url} "
+                                  f"({_reason(exc)}); {fix}; nothing was changed")
+
     def promote(self, version: int, alias: str = PRODUCTION) -> dict[str, Any]:
-        """Point ``alias`` (default ``production``) at ``version``."""
+        """Point ``alias`` (default ``production``) at ``version``, which must verify."""
         return self.set_alias(alias, version, reason="promote")
 
-    def rollback(self, alias: str = PRODUCTION, to: int | None = None) -> int:
+    def rollback(self, alias: str = PRODUCTION, to: int | None = None, *,
+                 on_skip: Callable[[int, str], None] | None = None) -> int:
         """Move ``alias`` back; return the version it now points at.
 
         Without ``to``: to the newest version in its history that is neither the current one
-        nor one it was rolled back from. With ``to``: to that version.
+        nor one it was rolled back from, and that verifies — versions that are gone or broken
+        are skipped (``on_skip(version, why)`` hears of each), because a rollback happens when
+        things are already wrong and must not stop at the first missing file. With ``to``: to
+        that version, which must verify (and this also repairs a damaged alias file).
         """
-        record = self.alias_record(alias)
-        if record is None:
+        try:
+            record = self.alias_record(alias)
+        except DamagedAliasError as exc:
+            if to is None:
+                raise DamagedAliasError(f"{exc}; a plain rollback needs that history: name the "
+                                        "version with `rollback --to vN`") from None
+            record = None
+        if record is None and to is None:
             raise RegistryError(f"alias {alias!r} is not set in {self.url}: nothing to roll back")
-        current = int(record["version"])
+        current = None if record is None else int(record["version"])
         if to is not None:
             target = parse_version(to)
             if target == current:
                 raise RegistryError(f"alias {alias!r} already points at {format_version(target)}")
-        else:
-            skip = {current, *record.get("rolled_back", [])}
-            candidates = [int(v) for v in reversed(record.get("history", [])) if int(v) not in skip]
-            if not candidates:
-                raise RegistryError(
-                    f"alias {alias!r} has nothing to roll back to: it points at "
-                    f"{format_version(current)} and has no earlier version that was not rolled "
-                    "back from (give one with --to)")
-            target = candidates[0]
-        self.set_alias(alias, target, reason="rollback")
-        return target
+            self.set_alias(alias, target, reason="rollback")
+            return target
+        assert record is not None and current is not None
+        skip = {current, *map(int, record.get("rolled_back", []))}
+        candidates = list(dict.fromkeys(int(v) for v in reversed(record.get("history", []))
+                                        if int(v) not in skip))
+        skipped = []
+        for target in candidates:
+            try:
+                self.verify(target)
+            except RegistryError as exc:
+                why = _why(target, exc)
+                skipped.append(f"{format_version(target)} (" + (
+                    "missing" if isinstance(exc, UnknownVersionError) else "fails verification")
+                    + ")")
+                if on_skip is not None:
+                    on_skip(target, why)
+                continue
+            self.set_alias(alias, target, reason="rollback", verify=False)
+            return target
+        tried = f"; skipped {', '.join(skipped)}" if skipped else ""
+        raise RegistryError(
+            f"alias {alias!r} has nothing to roll back to: it points at "
+            f"{format_version(current)} and has no earlier usable version that was not rolled "
+            f"back from{tried} (give one with --to)")
+
+    # -- retention ----------------------------------------------------------------------------
+    def protected(self, keep_history: int | None = None) -> set[int]:
+        """Versions retention never removes: every alias's current one and, per alias, the
+        last ``keep_history`` distinct versions it pointed at before (``None``: all of them).
+
+        Raises :class:`DamagedAliasError` if an alias file cannot be read: its history is what
+        says which versions a rollback may still need, so without it nothing can be pruned.
+        """
+        records, damaged = self.scan_aliases()
+        if damaged:
+            why = next(iter(damaged.values()))
+            raise DamagedAliasError(f"retention needs every alias's history: {why}")
+        keep: set[int] = set()
+        for record in records.values():
+            keep.add(int(record["version"]))
+            before = list(dict.fromkeys(int(v) for v in reversed(record.get("history", []))))
+            keep.update(before if keep_history is None else before[:keep_history])
+        return keep
+
+    def gc(self, keep: int, *, keep_history: int | None = None,
+           dry_run: bool = False) -> Retention:
+        """Remove every committed version except the newest ``keep`` and the
+        :meth:`protected` ones; with ``dry_run`` only say which.
+
+        Each version goes manifest first (it is uncommitted from then on, so a crash leaves a
+        directory readers ignore), then its other files. A version directory that links out of
+        the registry is not touched (``refused``): what it points at is not the registry's to
+        delete; remove the link by hand.
+        """
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep {keep!r}: keep at least the newest version (1 or more)")
+        if keep_history is not None and (isinstance(keep_history, bool) or keep_history < 0):
+            raise ValueError(f"keep_history {keep_history!r}: give 0 or more (or none: all)")
+        versions = self.versions()
+        protect = self.protected(keep_history) | set(versions[-keep:])
+        result = Retention(kept=[v for v in versions if v in protect])
+        for v in versions:
+            if v in protect:
+                continue
+            if dry_run:
+                result.removed.append(v)
+                continue
+            vdir = _version_dir(v)
+            try:
+                paths = [f"{vdir}/{MANIFEST}",
+                         *(p for p in self.store.list(vdir) if p != f"{vdir}/{MANIFEST}")]
+                for path in paths:
+                    self.store.delete(path)
+            except OutsideStoreError as exc:
+                result.refused[v] = str(exc)
+                continue
+            except OSError as exc:
+                done = (f" (removed {', '.join(map(format_version, result.removed))} before)"
+                        if result.removed else "")
+                raise self._write_error(f"removing {format_version(v)}{done}", vdir, exc
+                                        ) from None
+            self._manifests.pop(v, None)
+            result.removed.append(v)
+        return result
 
     # -- comparing --------------------------------------------------------------------------
     def diff(self, a: int, b: int) -> dict[str, Any]:
@@ -448,6 +708,17 @@ def _check_alias(name: str) -> str:
         raise ValueError(f"alias {name!r}: use letters, digits, '.', '_' and '-'")
     check_path(name)
     return name
+
+
+def _reason(exc: BaseException) -> str:
+    """The OS's words for ``exc`` without the path (the caller names the path)."""
+    return (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or \
+        type(exc).__name__
+
+
+def _why(version: int, exc: BaseException) -> str:
+    """``exc``'s message without the leading ``"v7: "`` (the caller shows the version)."""
+    return str(exc).removeprefix(f"{format_version(version)}: ")
 
 
 def _is_number(v: Any) -> bool:

@@ -10,7 +10,10 @@ that run while the trainer writes:
   manifest is created only if it does not exist, so a version, once visible, is never rewritten;
 * **names that cannot escape** — every path is checked (:func:`check_path`) before it reaches a
   filesystem, so a version or alias name taken from a command line or a message cannot walk out
-  of the store with ``..``, an absolute path or a backslash.
+  of the store with ``..``, an absolute path or a backslash; and on a local filesystem a path
+  that *resolves* outside the store through a symlink is refused too (:class:`OutsideStoreError`):
+  a version is only as trustworthy as the directory it lives in, and a link to somewhere else is
+  somebody else's file that can change under the registry's feet.
 
 :class:`LocalStore` is a directory on a POSIX filesystem (temporary file, fsync, ``os.replace``,
 directory fsync: durable and atomic). :class:`FsspecStore` is anything fsspec can open — ``s3://``
@@ -44,6 +47,11 @@ from streamcl.state import fsync_dir
 
 _COMPONENT = re.compile(r"[A-Za-z0-9._-]+")
 _RULE = "relative names of [A-Za-z0-9._-] components only"
+
+
+class OutsideStoreError(ValueError):
+    """A store path that a symlink leads out of the store's directory: refused for reading,
+    writing and deleting (a ``ValueError``, like any other bad name)."""
 
 
 def check_path(path: str, *, allow_empty: bool = False) -> str:
@@ -106,6 +114,11 @@ class Store(Protocol):
         """Write the object only if absent; ``False`` (and nothing written) if it existed."""
         ...
 
+    def delete(self, path: str) -> None:
+        """Remove the object if it exists (retention, and cleaning up a failed publication);
+        folders left empty are removed with it."""
+        ...
+
 
 # -- local directories ---------------------------------------------------------------------------
 def _makedirs(directory: Path) -> None:
@@ -166,16 +179,53 @@ def _local_create(target: Path, data: bytes) -> bool:
     return True
 
 
+def _contained(root: Path, target: Path, path: str) -> Path:
+    """``target`` if it resolves inside ``root``, else :class:`OutsideStoreError`.
+
+    Resolved with every symlink followed (a missing tail is fine: that is a write about to
+    happen), so a version directory or file linked in from elsewhere is caught whatever it is.
+    """
+    real, base = os.path.realpath(target), os.path.realpath(root)
+    if real != base and not real.startswith(base.rstrip(os.sep) + os.sep):
+        raise OutsideStoreError(
+            f"store path {path!r} resolves outside the store ({real}, through a symlink): "
+            "links that leave the registry are refused; put the files themselves there")
+    return target
+
+
 def _local_list(root: Path, prefix: str) -> list[str]:
     base = root / prefix if prefix else root
     out = []
     for dirpath, dirnames, filenames in os.walk(base):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         rel_dir = Path(dirpath).relative_to(root).as_posix()
-        for name in filenames:
-            if not name.startswith("."):  # temporary files of writes in progress
-                out.append(name if rel_dir == "." else f"{rel_dir}/{name}")
+        names = [n for n in filenames if not n.startswith(".")]  # "." = writes in progress
+        for d in dirnames:
+            # os.walk does not enter symlinked folders (no loops); their own files are listed,
+            # so that a linked-in version is seen -- and refused when it is read -- instead of
+            # being invisible yet reachable by name
+            link = Path(dirpath) / d
+            if not d.startswith(".") and link.is_symlink():
+                with contextlib.suppress(OSError):
+                    names += [f"{d}/{e.name}" for e in os.scandir(link)
+                              if not e.name.startswith(".") and e.is_file()]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [name if rel_dir == "." else f"{rel_dir}/{name}" for name in names]
     return sorted(out)
+
+
+def _local_delete(root: Path, target: Path) -> None:
+    """Unlink ``target`` (a symlink itself, never what it points at) and prune the folders it
+    leaves empty, up to ``root``."""
+    with contextlib.suppress(FileNotFoundError):
+        target.unlink()
+    d = target.parent
+    while d != root and root in d.parents:
+        try:
+            d.rmdir()  # only if empty
+        except OSError:
+            break
+        d = d.parent
+    fsync_dir(d)
 
 
 class LocalStore:
@@ -193,7 +243,7 @@ class LocalStore:
         return str(self.root)
 
     def _path(self, path: str) -> Path:
-        return self.root / check_path(path)
+        return _contained(self.root, self.root / check_path(path), path)
 
     def write_bytes(self, path: str, data: bytes) -> None:
         _local_write(self._path(path), data)
@@ -201,8 +251,15 @@ class LocalStore:
     def read_bytes(self, path: str) -> bytes:
         return self._path(path).read_bytes()
 
+    def delete(self, path: str) -> None:
+        # the link itself may point outside (that is what gets removed); its folder may not
+        target = self.root / check_path(path)
+        _contained(self.root, target.parent, path)
+        _local_delete(self.root, target)
+
     def exists(self, path: str) -> bool:
-        return self._path(path).is_file()
+        # not checked for symlinks: the name is taken either way; reading it is what is refused
+        return (self.root / check_path(path)).is_file()
 
     def list(self, prefix: str = "") -> list[str]:
         return _local_list(self.root, check_path(prefix.rstrip("/"), allow_empty=True))
@@ -247,7 +304,10 @@ class FsspecStore:
         return self._url
 
     def _full(self, path: str) -> str:
-        return f"{self.root}/{check_path(path)}"
+        full = f"{self.root}/{check_path(path)}"
+        if self._local:
+            _contained(Path(self.root), Path(full), path)
+        return full
 
     def write_bytes(self, path: str, data: bytes) -> None:
         full = self._full(path)
@@ -260,7 +320,7 @@ class FsspecStore:
         return bytes(self.fs.cat_file(self._full(path)))
 
     def exists(self, path: str) -> bool:
-        full = self._full(path)
+        full = f"{self.root}/{check_path(path)}"
         self.fs.invalidate_cache(full)
         return bool(self.fs.isfile(full))
 
@@ -297,6 +357,17 @@ class FsspecStore:
         except TypeError:  # a backend whose pipe_file has no create mode: best effort
             self.fs.pipe_file(full, data)
         return True
+
+    def delete(self, path: str) -> None:
+        if self._local:
+            target = Path(f"{self.root}/{check_path(path)}")
+            _contained(Path(self.root), target.parent, path)
+            _local_delete(Path(self.root), target)
+            return
+        full = self._full(path)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(full)
+        self.fs.invalidate_cache(full)
 
     def __repr__(self) -> str:
         return f"FsspecStore({self._url!r})"
