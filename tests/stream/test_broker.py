@@ -123,7 +123,9 @@ def test_kafka_config_maps_security_settings(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"security_protocol": "SASL_PLAINTEXT"}, "security_protocol"),
+    ({"security_protocol": "SASL_GSSAPI"}, "security_protocol"),
+    ({"security_protocol": "SASL_PLAINTEXT"}, "sasl_mechanism"),
+    ({"security_protocol": "SASL_PLAINTEXT", "ssl_cafile": "/x"}, "SASL_SSL"),
     ({"ssl_cafile": "/x"}, "PLAINTEXT"),
     ({"security_protocol": "SSL", "ssl_cafile": "/nonexistent.pem"}, "no such file"),
     ({"security_protocol": "SSL", "ssl_certfile": __file__}, "go together"),
