@@ -73,12 +73,23 @@ class TrainerConfig:
     cooldown: int = _default("cooldown")
     monitor: str = _default("monitor")
     seed: int = _default("seed")
+    max_classes: int = _default("max_classes")
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_classes, int) or self.max_classes < 1:
+            raise ValueError(f"max_classes must be an integer >= 1, got {self.max_classes!r}")
+
     def to_json(self) -> dict[str, Any]:
+        """The config as stored in states and the journal's start entry. ``max_classes`` is
+        left out while it has its default: states, snapshots and journals written before it
+        existed then compare equal to (and hash the same as) a default config, and
+        :meth:`from_json` fills the default back in."""
         out = asdict(self)
         out["input_shape"], out["hidden"] = list(self.input_shape), list(self.hidden)
         out["params"] = resolved_params(self.strategy, self.params)
+        if self.max_classes == _default("max_classes"):
+            del out["max_classes"]
         return out
 
     @classmethod
@@ -155,11 +166,29 @@ class OnlineTrainer:
         if not y_list:
             raise ValueError("an empty batch has nothing to learn; skip it instead of planning it")
         new = tuple(v for v in dict.fromkeys(y_list) if v not in self.index)
+        if len(self.labels) + len(new) > self.config.max_classes:
+            raise ValueError(f"the batch brings {len(new)} new labels, the head has "
+                             f"{len(self.labels)} of at most max_classes="
+                             f"{self.config.max_classes}; take out the samples over_cap() "
+                             "marks before planning")
         if isinstance(task, torch.Tensor):
             task = int(task.reshape(-1)[0]) if task.numel() else None
         boundary = self.policy.decide(self.position, batch_size=len(y_list),
                                       new_labels=bool(new), task=task)
         return Plan(self.position, len(y_list), boundary, new)
+
+    def over_cap(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Mask of the samples whose label would grow the head past ``max_classes`` (``None``:
+        none). New labels are admitted in order of first appearance while there is room, so
+        the answer depends on the labels seen so far and on ``y`` alone: a replay of the same
+        journal from the same state refuses the same samples."""
+        room = self.config.max_classes - len(self.labels)
+        y_list = y.tolist()
+        new = [v for v in dict.fromkeys(y_list) if v not in self.index]
+        if len(new) <= room:
+            return None
+        refused = set(new[room:])
+        return torch.tensor([v in refused for v in y_list], dtype=torch.bool)
 
     def end_experience(self, boundary: Boundary) -> None:
         """Close the current experience; the next batch belongs to ``boundary.experience``."""

@@ -527,3 +527,84 @@ def test_boundary_events_carry_their_facts(short_stream: Stream) -> None:
         first = int(np.flatnonzero(short_stream.task == k)[0])
         assert first // 32 * 32 in expected
     assert trainer.strategy.experience == len(trainer.boundaries)
+
+
+# -- the label cap (issue 12) ---------------------------------------------------------------------
+
+def _batch(labels: list[int], ids: list[str | None] | None = None):
+    from streamcl.stream.consumer import MicroBatch
+
+    n = len(labels)
+    return MicroBatch(torch.arange(n * 4, dtype=torch.float32).reshape(n, 4) / 10,
+                      torch.tensor(labels), None, {0: (100, 100 + n - 1)}, 0, None,
+                      ids if ids is not None else [f"s{i}" for i in range(n)])
+
+
+def test_max_classes_is_validated_and_stays_out_of_default_configs() -> None:
+    with pytest.raises(ValueError, match="max_classes"):
+        config(max_classes=0)
+    default = config().to_json()
+    assert "max_classes" not in default  # states and journals from before it hash the same
+    assert TrainerConfig.from_json(default).max_classes == TrainerConfig(input_shape=(1,)
+                                                                         ).max_classes
+    capped = config(max_classes=7)
+    assert capped.to_json()["max_classes"] == 7
+    assert TrainerConfig.from_json(capped.to_json()) == capped
+
+
+def test_prepare_refuses_labels_past_max_classes_and_replays_the_same() -> None:
+    from streamcl.learner import Learner, Refused
+    from streamcl.stream.entries import HoldoutSpec
+
+    cfg = config(input_shape=(4,), hidden=(8,), max_classes=2)
+    holdout = HoldoutSpec(fraction=0.0, size=10, seed=0)
+    batch = _batch([5, 9, 5, 3, 9, 3, 7])
+    live = Learner.fresh(cfg, holdout)
+    step = live.prepare(batch)
+    assert step.refused == [Refused(3, 3, "s3"), Refused(5, 3, "s5"), Refused(6, 7, "s6")]
+    assert step.train.y.tolist() == [5, 9, 5, 9] and step.train.ids == ["s0", "s1", "s2", "s4"]
+    assert step.plan is not None and step.plan.size == 4 and step.plan.new_labels == (5, 9)
+    entry = step.entry()
+    assert entry.samples == len(batch)  # the batch as consumed: ranges and counts unchanged
+    live.apply(step, entry)
+    assert live.trainer.model.n_classes == 2 and live.trainer.labels == [5, 9]
+    # a full head: every new label is refused, known ones train
+    step = live.prepare(_batch([3, 5, 8]))
+    assert [r.label for r in step.refused] == [3, 8] and step.train.y.tolist() == [5]
+    live.apply(step, step.entry())
+    assert live.trainer.model.n_classes == 2
+    # a batch of refused labels only: nothing to plan
+    step = live.prepare(_batch([4, 4]))
+    assert step.plan is None and len(step.refused) == 2
+    live.apply(step, step.entry())
+    # replay from a fresh learner refuses the same samples and reaches the same state
+    again = Learner.fresh(cfg, holdout)
+    for labels in ([5, 9, 5, 3, 9, 3, 7], [3, 5, 8], [4, 4]):
+        s = again.prepare(_batch(labels))
+        again.apply(s, s.entry())
+    assert again.sha256() == live.sha256()
+
+
+def test_refused_samples_skip_the_holdout() -> None:
+    from streamcl.learner import Learner
+    from streamcl.stream.entries import HoldoutSpec
+
+    cfg = config(input_shape=(4,), hidden=(8,), max_classes=1)
+    learner = Learner.fresh(cfg, HoldoutSpec(fraction=0.5, size=100, seed=1))
+    for _ in range(5):
+        step = learner.prepare(_batch([1, 2, 1, 2, 1, 2, 1, 2]))
+        assert [r.label for r in step.refused] == [2] * 4
+        learner.apply(step, step.entry())
+    assert learner.holdout is not None and len(learner.holdout)
+    assert set(learner.holdout.buffer.all()["y"].tolist()) == {1}
+    assert learner.holdout.seen == 5 * 4  # refused samples do not advance the stream index
+    assert learner.trainer.labels == [1]
+
+
+def test_plan_refuses_to_grow_the_head_past_max_classes() -> None:
+    trainer = OnlineTrainer(config(input_shape=(4,), hidden=(8,), max_classes=2))
+    trainer.step(torch.zeros(2, 4), torch.tensor([0, 1]))
+    assert trainer.over_cap(torch.tensor([1, 0])) is None
+    assert trainer.over_cap(torch.tensor([1, 2, 0, 2])).tolist() == [False, True, False, True]
+    with pytest.raises(ValueError, match="max_classes=2"):
+        trainer.plan(torch.tensor([2]))

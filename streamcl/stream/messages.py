@@ -63,11 +63,14 @@ REASONS: dict[str, str] = {
     "bad_schema": "the JSON is not an object with an x field",
     "bad_shape": "x does not have the configured input shape, or its bytes do not match it",
     "bad_dtype": "x's element type is missing, not accepted, or its values do not fit it",
-    "non_finite": "x holds NaN or infinite values",
+    "non_finite": "x holds NaN or infinite values, or values that overflow float32 (the "
+                  "training dtype)",
     "bad_label": "y is missing or not an integer >= 0",
     "bad_task": "task is not an integer",
-    "bad_meta": "id is not a string, or ts is not a finite number",
+    "bad_meta": "id is not a string (of valid Unicode), or ts is not a finite number",
     "undecodable": "an unexpected failure while decoding (a bug: please report it)",
+    # not the decoder's: the learner refuses it (a function of its state), the service sends it
+    "label_cap": "y is a new label and the head already has learner.max_classes classes",
 }
 
 Encoding = Literal["auto", "json", "binary"]
@@ -243,8 +246,10 @@ class Decoder:
         x = np.frombuffer(value, dtype=dt).reshape(self.input_shape)
         if not x.dtype.isnative:
             x = x.astype(x.dtype.newbyteorder("="))
-        if dt.kind == "f" and not np.isfinite(x).all():
-            raise _Reject("non_finite: x has NaN or inf")
+        if dt.kind == "f":
+            if not np.isfinite(x).all():
+                raise _Reject("non_finite: x has NaN or inf")
+            _check_float32(x)
         raw = hdr.get(H_Y)
         if type(raw) is bytes and raw.isdigit() and len(raw) < 19:
             y = int(raw)
@@ -298,6 +303,12 @@ class Decoder:
             msg = SampleMessage.model_validate(obj)
         except ValidationError as exc:
             raise _Reject(schema_reason(exc)) from None
+        if msg.id is not None and not msg.id.isascii():
+            try:  # JSON may escape a lone surrogate ("\ud800"): valid JSON, not valid text
+                msg.id.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Reject(f"bad_meta: id is not valid Unicode text, got "
+                              f"{_clip(ascii(msg.id))}") from None
         if msg.dtype is None:
             dt = self.json_dtype
         else:
@@ -321,6 +332,16 @@ class Decoder:
         return Sample(_cast(arr, dt), msg.y, msg.task, msg.id, msg.ts)
 
 
+def _check_float32(x: np.ndarray) -> None:
+    """Refuse finite values that become inf in float32, the dtype the trainer computes in: a
+    float64 1e300 is valid here but would reach training as inf and poison the weights."""
+    if x.dtype.kind == "f" and x.dtype.itemsize > 4:
+        with np.errstate(over="ignore"):
+            if not np.isfinite(x.astype(np.float32)).all():
+                raise _Reject(f"non_finite: x overflows float32 (the training dtype), max "
+                              f"|x| is {float(np.abs(x).max()):.3g}")
+
+
 def _cast(arr: np.ndarray, dt: np.dtype) -> np.ndarray:
     """JSON numbers as ``dt``, refusing what would change their value (2.5 or 300 as uint8)."""
     dt = dt.newbyteorder("=")
@@ -329,6 +350,7 @@ def _cast(arr: np.ndarray, dt: np.dtype) -> np.ndarray:
             out = arr.astype(dt)
         if not np.isfinite(out).all():
             raise _Reject(f"non_finite: x overflows {dt.name}")
+        _check_float32(out)
         return out
     if arr.dtype.kind == "f" and not (arr == np.floor(arr)).all():
         raise _Reject(f"bad_dtype: x has non-integral values, {dt.name} needs integers")

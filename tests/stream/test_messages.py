@@ -175,6 +175,8 @@ REJECTIONS = [
     ("bad_task_binary", *_binary(task=b"one"), "bad_task: "),
     ("bad_meta_ts", _json(x=[0] * 784, y=1, ts="yesterday"), [], "bad_meta: "),
     ("bad_meta_id", _json(x=[0] * 784, y=1, id=5), [], "bad_meta: "),
+    ("bad_meta_id_surrogate", _json(x=[0] * 784, y=1, id="a\ud800"), [],
+     "bad_meta: id is not valid Unicode text, got 'a\\ud800'"),
     ("bad_meta_ts_binary", *_binary(ts=b"inf"), "bad_meta: "),
     ("bad_meta_id_binary", *_binary(id=b"\xff"), "bad_meta: "),
 ]
@@ -196,7 +198,25 @@ def test_rejection_reason(decoder: Decoder, value: bytes | None, headers: list,
 
 def test_every_reason_code_is_exercised() -> None:
     exercised = {e.split(":")[0] for *_, e in REJECTIONS}
-    assert exercised == set(REASONS) - {"undecodable"}
+    # label_cap is the learner's refusal, not the decoder's (tests/test_trainer.py)
+    assert exercised == set(REASONS) - {"undecodable", "label_cap"}
+
+
+@pytest.mark.parametrize("big", [1e300, -1e300, 3.5e38, float(np.finfo(np.float64).max)])
+def test_float64_that_overflows_float32_is_refused(big: float) -> None:
+    """Finite in float64 but inf in float32, the training dtype: refused in both encodings
+    (issue 12: 1e300 reached training as inf)."""
+    dec = Decoder((4,), dtypes=("float32", "float64"))
+    x = np.array([0.0, 1.0, big, 2.0])
+    for decoded in (dec.decode(*encode_binary(x, 1)), dec.decode(encode_json(x, 1)),
+                    dec.decode(_json(x=x.tolist(), y=1))):
+        assert isinstance(decoded, Rejection), decoded
+        assert decoded.reason.startswith("non_finite: x overflows float32"), decoded.reason
+    top = float(np.finfo(np.float32).max)  # the largest float32 still fits
+    for decoded in (dec.decode(*encode_binary(x.clip(-top, top), 1)),
+                    dec.decode(encode_json(x.clip(-top, top), 1))):
+        assert isinstance(decoded, Sample), decoded
+        assert np.isfinite(decoded.x.astype(np.float32)).all()
 
 
 def test_forced_encoding() -> None:
