@@ -717,6 +717,7 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServi
     config = tmp / "streamcl.yaml"
     config.write_text(yaml.safe_dump({
         "learner": {"input_shape": [64], "hidden": [16], "strategy": "er"},
+        "kafka": {"embedded_storage": "memory://tansu/"},  # opt in: a restart would lose it
         "snapshots": {"dir": str(tmp / "snapshots")},
         "publication": {"registry": str(tmp / "registry")}}))
     port = _free_port()

@@ -93,7 +93,8 @@ def test_run_refuses_an_invalid_setting_in_one_line(tmp_path: Path) -> None:
 def test_run_without_bootstrap_starts_and_stops_the_embedded_broker(tmp_path: Path) -> None:
     config = tmp_path / "streamcl.yaml"
     config.write_text(f"learner: {{input_shape: [16], hidden: [8]}}\n"
-                      f"snapshots: {{dir: {tmp_path / 's'}}}\n")
+                      f"snapshots: {{dir: {tmp_path / 's'}}}\n"
+                      "kafka: {embedded_storage: 'memory://tansu/'}\n")  # opted in
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCL_")}
     proc = subprocess.Popen([sys.executable, "-m", "streamcl.cli", "run", "--config",
                              str(config)], env=env, stdout=subprocess.PIPE,
