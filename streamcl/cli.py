@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", type=Path, default=Path("data"), help="directory (default ./data)")
     ds.add_argument("--seed", type=int, default=0)
 
-    reg = sub.add_parser("registry", help="list, show, promote, roll back and diff models")
+    reg = sub.add_parser("registry", help="list, show, promote, roll back, diff and prune "
+                         "models")
     reg.add_argument("--registry", dest="registry_location", metavar="LOCATION",
                      help="registry directory or URL (default: the config's registry setting, "
                           "else ./registry)")
@@ -205,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "and rollbacks on <name>.models so watchers swap at once")
     reg.add_argument("--name", help="service name (default: the config's, else streamcl)")
     rsub = reg.add_subparsers(dest="registry_command", required=True, parser_class=_Parser,
-                              metavar="{list,show,promote,rollback,diff}")
-    rsub.add_parser("list", help="every version, with its aliases")
+                              metavar="{list,show,promote,rollback,diff,gc}")
+    rsub.add_parser("list", help="every version, with its aliases; broken ones and damaged "
+                    "alias files are reported (exit 0, a warning on stderr)")
     show = rsub.add_parser("show", help="a version's manifest as JSON")
     show.add_argument("version", help="7 or v7")
     promote = rsub.add_parser("promote", help="point an alias at a version")
@@ -219,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("a", help="7 or v7")
     diff.add_argument("b", help="7 or v7")
     diff.add_argument("--json", action="store_true", help="print one JSON object")
+    gc = rsub.add_parser("gc", help="delete old versions: all but the newest N and those an "
+                         "alias points at or pointed at before")
+    gc.add_argument("--keep", type=int, required=True, metavar="N",
+                    help="newest versions kept (1 or more)")
+    gc.add_argument("--keep-history", type=int, default=None, metavar="M",
+                    help="per alias, keep only the last M versions it pointed at before "
+                         "(default: all of them)")
+    gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
 
     rpt = sub.add_parser("report", help="write an HTML report: accuracy over time, boundaries, "
                          "model versions and quality-gate decisions")
@@ -317,11 +327,13 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from streamcl.data import load_stream
+    from streamcl.stream.broker import check_connection
     from streamcl.stream.producer import produce_stream
 
     if args.rate is not None and not args.rate > 0:
         raise UsageError(f"--rate {args.rate}: must be > 0 messages per second")
     stream = load_stream(args.data)
+    check_connection(args.bootstrap, {})  # a wrong address fails in seconds, in one line
     with tqdm(total=len(stream), unit="msg", file=sys.stderr, desc=args.topic) as bar:
         sent = produce_stream(stream, args.bootstrap, args.topic, encoding=args.encoding,
                               rate=args.rate, progress=bar.update)
@@ -335,16 +347,32 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from streamcl.service import install_sigterm, service_from_settings
     from streamcl.settings import load_settings
-    from streamcl.stream.broker import EmbeddedBroker, ensure_topics
+    from streamcl.stream.broker import EmbeddedBroker, check_connection, ensure_topics
 
     settings = load_settings(args.config)
     stop = threading.Event()
-    install_sigterm(stop)  # SIGTERM drains: finish the batch, snapshot, commit, exit 0
+    # SIGTERM drains: finish the batch, snapshot, commit, exit 0 (or 1 past the drain timeout)
+    install_sigterm(stop, settings.snapshots.drain_timeout_s)
     with contextlib.ExitStack() as stack:
         bootstrap, client = settings.kafka.bootstrap_servers, settings.kafka.client_config()
-        if bootstrap is None:
-            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
-            print(f"streamcl: embedded broker at {bootstrap}", file=sys.stderr, flush=True)
+        if bootstrap is None:  # an in-memory broker would lose the journal at every restart
+            storage = settings.kafka.embedded_storage
+            if storage is None:
+                raise UsageError("kafka.bootstrap_servers is not set: point it at a Kafka "
+                                 "cluster, or set kafka.embedded_storage to a durable store "
+                                 "(s3://BUCKET/ with AWS_ENDPOINT and keys) for an embedded "
+                                 "broker (`streamcl demo` runs in memory)")
+            from streamcl.stream.broker import BrokerError, check_storage, redact_url
+
+            try:
+                check_storage(storage)
+            except BrokerError as exc:
+                raise UsageError(f"kafka.embedded_storage: {exc}") from None
+            bootstrap = stack.enter_context(EmbeddedBroker(storage=storage)).bootstrap
+            print(f"streamcl: embedded broker at {bootstrap} on {redact_url(storage)}",
+                  file=sys.stderr, flush=True)
+        else:  # one line within a deadline (TLS to a plaintext port, a wrong password, ...)
+            check_connection(bootstrap, client, timeout_s=settings.journal.timeout_s / 2)
         ensure_topics(bootstrap, [settings.consumer.topic], client_config=client)
         service, server = service_from_settings(settings, bootstrap)
         if server is not None:
@@ -400,7 +428,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     install_sigterm(stop)
     topic, name = "demo.samples", f"demo-{uuid.uuid4().hex[:8]}"
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as snapdir:
-        print(f"embedded broker at {broker.bootstrap}; streaming {source}: {len(train)} samples, "
+        print(f"embedded broker at {broker.bootstrap} (in memory: gone when the demo ends); "
+              f"streaming {source}: {len(train)} samples, "
               f"true task switches at {switches}", file=sys.stderr)
         with tqdm(total=len(train), unit="msg", file=sys.stderr, desc="produce") as bar:
             produce_stream(train, broker.bootstrap, topic, progress=bar.update)
@@ -440,7 +469,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from streamcl.replay import replay
+    from streamcl.stream.broker import check_connection
 
+    check_connection(args.bootstrap, {})  # a wrong address fails in seconds, in one line
     with tqdm(unit="batches", file=sys.stderr, desc="replay") as bar:
         sha, batches = replay(args.bootstrap, args.name, args.topic, to_seq=args.to_seq,
                               snapshot_dir=str(args.snapshot_dir) if args.snapshot_dir else None,
@@ -500,9 +531,27 @@ def _registry_version(text: str) -> int:
         raise UsageError(str(exc)) from None
 
 
+def _version_ranges(versions: list[int]) -> str:
+    """``[1, 2, 3, 7]`` -> ``"v1..v3, v7"``: gc of a thousand versions stays one line."""
+    from streamcl.registry import format_version
+
+    runs: list[list[int]] = []
+    for v in sorted(versions):
+        if runs and v == runs[-1][-1] + 1:
+            runs[-1].append(v)
+        else:
+            runs.append([v])
+    return ", ".join(format_version(r[0]) if len(r) == 1 else
+                     f"{format_version(r[0])}..{format_version(r[-1])}" for r in runs)
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     """``streamcl registry``: the operator's view of the model registry. Promote and rollback
-    move an alias and, when Kafka is known, announce it so watching services swap at once."""
+    move an alias and, when Kafka is known, announce it so watching services swap at once.
+
+    The views degrade instead of failing: a broken version or a damaged alias file is a line
+    in ``list`` (and a warning on stderr), not a traceback hiding everything else, because the
+    operator looking is usually the one who has to repair it."""
     from datetime import UTC, datetime
 
     from streamcl.registry import ModelRegistry, format_version
@@ -520,7 +569,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
     versions = registry.versions()
     if not versions:
         raise UsageError(f"--registry {location}: no registry there (no published versions)")
-    aliases = registry.aliases()
+    records, damaged = registry.scan_aliases()
+    aliases = {alias: int(r["version"]) for alias, r in records.items()}
     command = args.registry_command
 
     if command == "list":
@@ -528,25 +578,56 @@ def cmd_registry(args: argparse.Namespace) -> int:
         for alias, v in aliases.items():
             by_version.setdefault(v, []).append(alias)
         rows = [("version", "created (UTC)", "position", "holdout acc.", "aliases", "parent")]
-        for v in versions:
-            m = registry.manifest(v)
+        checks = registry.check()
+        broken = {c.version: c.problem for c in checks if c.problem is not None}
+        for c in checks:
+            m = c.manifest or {}
+            if c.problem is not None:  # one row saying why, the others still listed
+                on = ",".join(by_version.get(c.version, []))
+                rows.append((format_version(c.version), f"BROKEN: {c.problem}"
+                             + (f" (aliases: {on})" if on else "")))
+                continue
             created = (datetime.fromtimestamp(m["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S")
                        if isinstance(m.get("created_at"), int | float) else "-")
             position = f"{m['position']:,}" if isinstance(m.get("position"), int) else "-"
             metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
             holdout = metrics.get("holdout_accuracy")
             parent = m.get("parent")
-            rows.append((format_version(v), created, position,
+            rows.append((format_version(c.version), created, position,
                          _pct(holdout).strip() if isinstance(holdout, int | float) else "-",
-                         ",".join(by_version.get(v, [])) or "-",
+                         ",".join(by_version.get(c.version, [])) or "-",
                          format_version(parent) if isinstance(parent, int) else "-"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        widths = [max(len(r[i]) for r in rows if len(r) == len(rows[0]))
+                  for i in range(len(rows[0]))]
         for r in rows:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
+        for why in damaged.values():
+            print(f"streamcl: warning: {why}", file=sys.stderr)
+        for alias, v in aliases.items():
+            if v not in versions:
+                print(f"streamcl: warning: alias {alias!r} points at {format_version(v)}, which "
+                      "is not in the registry: promote a listed version", file=sys.stderr)
+            elif v in broken:
+                print(f"streamcl: warning: alias {alias!r} points at broken "
+                      f"{format_version(v)}: services cannot load it; promote a usable version",
+                      file=sys.stderr)
+        if broken:
+            print(f"streamcl: warning: {len(broken)} broken version(s): "
+                  f"{_version_ranges(list(broken))}", file=sys.stderr)
         return 0
     if command == "show":
-        print(json.dumps(registry.manifest(_registry_version(args.version)), indent=2,
-                         sort_keys=True))
+        version = _registry_version(args.version)
+        print(json.dumps(registry.manifest(version), indent=2, sort_keys=True))
+        registry.verify(version)  # a readable manifest with bad weights: shown, then exit 2
+        return 0
+    if command == "gc":
+        result = registry.gc(args.keep, keep_history=args.keep_history, dry_run=args.dry_run)
+        verb = "would remove" if args.dry_run else "removed"
+        print(f"{verb} {len(result.removed)} version(s)"
+              + (f": {_version_ranges(result.removed)}" if result.removed else ""))
+        print(f"kept {len(result.kept)}: {_version_ranges(result.kept)}")
+        for v, why in result.refused.items():
+            print(f"streamcl: warning: not removed {format_version(v)}: {why}", file=sys.stderr)
         return 0
     if command == "diff":
         d = registry.diff(_registry_version(args.a), _registry_version(args.b))
@@ -560,8 +641,15 @@ def cmd_registry(args: argparse.Namespace) -> int:
         registry.promote(target, alias=args.alias)
     else:
         event = "rollback"
-        target = registry.rollback(args.alias, to=_registry_version(args.to) if args.to else None)
+        skipped: list[str] = []  # printed once it worked: an error stays one line
+        target = registry.rollback(args.alias, to=_registry_version(args.to) if args.to else None,
+                                   on_skip=lambda v, why: skipped.append(
+                                       f"skipped {format_version(v)}: {why}"))
+        for line in skipped:
+            print(line, file=sys.stderr)
     was = f" (was {format_version(before)})" if before is not None else ""
+    if args.alias in damaged:
+        was = " (its damaged alias file was rewritten; the history in it is lost)"
     print(f"{args.alias} -> {format_version(target)}{was}")
     if bootstrap is None:
         print("not announced (no --bootstrap-servers): polling watchers see it at their next "
@@ -624,12 +712,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamcl: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except Exception as exc:
-        from streamcl.stream.journal import JournalFenced
+        # a broker that cannot be reached or started is a user's setting, not a bug (looked up
+        # only if loaded: importing it costs every command the Kafka client's import time)
+        broker = sys.modules.get("streamcl.stream.broker")
+        if broker is not None and isinstance(exc, broker.BrokerError):
+            print(f"streamcl: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        from streamcl.stream.journal import JournalError, JournalFenced
 
-        if not isinstance(exc, JournalFenced):
-            raise
-        print(f"streamcl: stopped: {exc}", file=sys.stderr)
-        return EXIT_FENCED
+        if isinstance(exc, JournalFenced):
+            print(f"streamcl: stopped: {exc}", file=sys.stderr)
+            return EXIT_FENCED
+        if isinstance(exc, JournalError):  # the journal lost, unreadable, not a journal topic
+            print(f"streamcl: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
 
 
 if __name__ == "__main__":

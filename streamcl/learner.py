@@ -7,8 +7,11 @@ number into a :class:`Learner`; recovery and replay both call it.
 
 A step, in order (the live loop's, and the replay's):
 
-1. :meth:`Learner.prepare` splits the batch's held-out samples off (the holdout keeps a
-   deterministic share, by stream index) and plans the rest: the trainer's one decision.
+1. :meth:`Learner.prepare` takes out the samples whose label would grow the head past
+   ``max_classes`` (:attr:`Step.refused`: the live loop dead-letters them), splits the
+   held-out samples off (the holdout keeps a deterministic share, by stream index) and plans
+   the rest: the trainer's one decision. Each part is a function of the learner's state and
+   the batch, so a replay takes out, holds out and plans exactly what the live loop did.
 2. The live loop journals the plan as a :class:`~streamcl.stream.entries.Batch` entry; a replay
    reads that entry back.
 3. :meth:`Learner.apply` checks the prepared step against the entry (same samples, same plan:
@@ -20,17 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from streamcl.registry.holdout import Holdout
 from streamcl.state import state_sha256
 from streamcl.stream.consumer import MicroBatch
-from streamcl.stream.entries import Batch, Entry, HoldoutSpec
-from streamcl.stream.journal import Journal, JournalError
+from streamcl.stream.entries import Batch, Entry, HoldoutSpec, Start
+from streamcl.stream.journal import Journal, JournalLost
 from streamcl.stream.snapshots import SnapshotError, SnapshotStore
 from streamcl.stream.sources import RangeSource
 from streamcl.trainer import OnlineTrainer, Plan, StepResult, TrainerConfig
@@ -43,14 +46,28 @@ class ReplayMismatch(RuntimeError):
     disagree: different code, configuration, input data or decoding)."""
 
 
+class Refused(NamedTuple):
+    """A sample taken out of its batch because its label would grow the head past
+    ``max_classes``. ``index`` is its place among the batch's valid samples (ordered by
+    partition, then offset); the batch keeps decoded arrays, not per-sample offsets, so
+    ``index``, ``id`` and the batch's ranges are what identify it."""
+
+    index: int
+    label: int
+    id: str | None
+
+
 @dataclass
 class Step:
-    """A batch made ready to learn: its training part, held-out mask and plan."""
+    """A batch made ready to learn: its training part, held-out mask and plan, and the samples
+    refused by the label cap."""
 
     batch: MicroBatch
     train: MicroBatch
-    mask: torch.Tensor | None   # held-out samples (None: none)
+    mask: torch.Tensor | None   # held-out samples of ``kept`` (None: none)
     plan: Plan | None           # None: nothing to train (every sample held out, or empty)
+    refused: list[Refused] = field(default_factory=list)  # over max_classes: not learned
+    kept: MicroBatch | None = None  # the batch less ``refused`` (None: the whole batch)
 
     def entry(self) -> Batch:
         """The journal entry that records this step."""
@@ -94,9 +111,20 @@ class Learner:
         return self.trainer.strategy.experience
 
     def prepare(self, batch: MicroBatch) -> Step:
-        train, mask = _split_holdout(batch, self.holdout)
+        """Refuse samples over the label cap, split off the held-out ones, plan the rest.
+
+        Refused samples leave before the holdout split: a label the head may never learn is
+        no more use to the quality gate than to training, and they do not advance the
+        holdout's stream index (like messages the decoder rejected)."""
+        kept, refused = batch, []
+        over = self.trainer.over_cap(batch.y) if len(batch) else None
+        if over is not None:
+            refused = [Refused(i, int(batch.y[i]), batch.ids[i] if batch.ids else None)
+                       for i in over.nonzero().flatten().tolist()]
+            kept = _subset(batch, ~over)
+        train, mask = _split_holdout(kept, self.holdout)
         plan = self.trainer.plan(train.y, train.task) if len(train) else None
-        return Step(batch, train, mask, plan)
+        return Step(batch, train, mask, plan, refused, None if kept is batch else kept)
 
     def apply(self, step: Step, entry: Batch) -> Applied:
         """Apply ``step`` as journaled by ``entry`` (the one procedure; see the module)."""
@@ -119,11 +147,11 @@ class Learner:
         """File the held-out samples; advance the holdout's stream index; return how many."""
         if self.holdout is None:
             return 0
+        kept = step.batch if step.kept is None else step.kept
         if step.mask is None:
-            self.holdout.advance(len(step.batch))
+            self.holdout.advance(len(kept))
             return 0
-        self.holdout.add(step.batch.x[step.mask], step.batch.y[step.mask], self.experience,
-                         len(step.batch))
+        self.holdout.add(kept.x[step.mask], kept.y[step.mask], self.experience, len(kept))
         return int(step.mask.sum())
 
     def state_dict(self) -> dict[str, Any]:
@@ -149,11 +177,15 @@ def _split_holdout(batch: MicroBatch, holdout: Holdout | None
     mask = holdout.split(len(batch))
     if not bool(mask.any()):
         return batch, None
-    keep = ~mask
+    return _subset(batch, ~mask), mask
+
+
+def _subset(batch: MicroBatch, keep: torch.Tensor) -> MicroBatch:
+    """The samples of ``batch`` where ``keep`` is true (same ranges and counts)."""
     task = None if batch.task is None else batch.task[keep]
-    ids = [i for i, m in zip(batch.ids, mask.tolist(), strict=True) if not m]
+    ids = [i for i, k in zip(batch.ids, keep.tolist(), strict=True) if k] if batch.ids else []
     return MicroBatch(batch.x[keep], batch.y[keep], task, batch.ranges, batch.rejected,
-                      batch.timestamp_ms, ids), mask
+                      batch.timestamp_ms, ids)
 
 
 # -- rebuilding -------------------------------------------------------------------------------
@@ -172,6 +204,29 @@ class Rebuilt:
 
 #: what a snapshot may keep beside the learner's state (the service's own small state)
 SNAPSHOT_EXTRAS = ("publisher", "stream")
+
+
+@contextlib.contextmanager
+def training_threads(threads: int | None) -> Iterator[Callable[[int | None], None]]:
+    """Train at ``threads`` intra-op threads (``None``: as now) until the block ends, then go
+    back to the caller's count. Yields a setter for the count a later ``start`` entry names.
+
+    Why: the journal records the count each stretch of batches was trained at
+    (:class:`~streamcl.stream.entries.Start`), since the sums inside a matrix product split
+    over another number of threads come out in other last bits. A replay at the recorded count
+    is bit-exact on any machine; the process's own count comes back for live training.
+    """
+    before = torch.get_num_threads()
+
+    def use(n: int | None) -> None:
+        if n is not None and n != torch.get_num_threads():
+            torch.set_num_threads(n)
+
+    use(threads)
+    try:
+        yield use
+    finally:
+        use(before)
 
 
 def newest_snapshot(store: SnapshotStore, config: TrainerConfig, to_seq: int | None = None
@@ -220,9 +275,11 @@ def rebuild(journal: Journal, source: RangeSource, config: TrainerConfig,
     else:
         covers, offsets, state = found
         if covers >= journal.next_seq:
-            raise JournalError(f"a snapshot covers journal entry {covers} but {journal.topic} "
-                               f"ends before it (next seq {journal.next_seq}): the journal was "
-                               "lost; refusing to resume silently")
+            raise JournalLost(f"a snapshot covers journal entry {covers} but {journal.topic} on "
+                              f"{journal.bootstrap} ends before it (next seq {journal.next_seq}):"
+                              " the broker was emptied or replaced; restore the journal topic, "
+                              "or start a new history (another learner name, or an empty "
+                              "snapshot directory)")
         extra = {k: state.pop(k) for k in SNAPSHOT_EXTRAS if k in state}
         out = Rebuilt(Learner.from_state(state, holdout), covers, extra, offsets)
     if on_start is not None:
@@ -233,18 +290,23 @@ def rebuild(journal: Journal, source: RangeSource, config: TrainerConfig,
     # the batches are read ahead (by the consumer process, where there is one) while earlier
     # ones train
     batches = source.read_many([e.ranges for e in out.entries if isinstance(e, Batch)])
-    for entry in out.entries:
-        if isinstance(entry, Batch):
-            step = out.learner.prepare(next(batches))
-            out.learner.apply(step, entry)
-            out.offsets.update(step.batch.next_offsets)
-            if step.plan is not None and step.batch.timestamp_ms is not None:
-                out.newest_ts_ms = max(out.newest_ts_ms or 0, step.batch.timestamp_ms)
-            out.replayed += 1
-        if on_entry is not None:
-            on_entry(entry, out.learner)
+    # each stretch of batches at the thread count it was trained at: the snapshot's, then
+    # each start entry's
+    with training_threads(out.snapshot_extra.get("stream", {}).get("torch_threads")) as use:
+        for entry in out.entries:
+            if isinstance(entry, Start):
+                use(entry.torch_threads)
+            if isinstance(entry, Batch):
+                step = out.learner.prepare(next(batches))
+                out.learner.apply(step, entry)
+                out.offsets.update(step.batch.next_offsets)
+                if step.plan is not None and step.batch.timestamp_ms is not None:
+                    out.newest_ts_ms = max(out.newest_ts_ms or 0, step.batch.timestamp_ms)
+                out.replayed += 1
+            if on_entry is not None:
+                on_entry(entry, out.learner)
     return out
 
 
-__all__ = ["Applied", "Learner", "Rebuilt", "ReplayMismatch", "Step", "newest_snapshot",
-           "rebuild"]
+__all__ = ["Applied", "Learner", "Rebuilt", "Refused", "ReplayMismatch", "Step",
+           "newest_snapshot", "rebuild", "training_threads"]

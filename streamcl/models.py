@@ -21,6 +21,7 @@ torch.Size([2, 3])
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -150,7 +151,12 @@ def build_model(
         elif spec == "cnn":
             body, dim = cnn_body(input_shape, hidden)
         elif ":" in spec:
-            body = _load_factory(spec)(tuple(input_shape))
+            factory = _load_factory(spec)
+            try:
+                body = factory(tuple(input_shape))
+            except Exception as exc:  # the operator's code: one line saying whose it was
+                raise ValueError(f"--model {spec}: the factory raised {type(exc).__name__}: "
+                                 f"{exc}".replace("\n", " ")) from None
             if not isinstance(body, nn.Module):
                 raise ValueError(f"--model {spec}: the factory returned {type(body).__name__}, "
                                  "not a torch.nn.Module")
@@ -173,6 +179,12 @@ def _load_factory(spec: str):
         raise ValueError(f"--model {spec}: cannot import it ({exc})") from None
     if not callable(fn):
         raise ValueError(f"--model {spec}: {attr} is not callable")
+    # a model factory is Python code of the operator's (trusted, like any entry point); still,
+    # a builtin (os:system, builtins:exec) or a class that builds no module is never what was
+    # meant, and calling it could do harm before the return type is checked
+    if inspect.isbuiltin(fn) or (inspect.isclass(fn) and not issubclass(fn, nn.Module)):
+        raise ValueError(f"--model {spec}: not a model factory (a torch.nn.Module subclass or a "
+                         "Python function of input_shape returning one)")
     return fn
 
 

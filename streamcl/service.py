@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import Counter
@@ -37,11 +38,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import torch
+
 from streamcl.learner import Applied, Learner, Rebuilt, Step, rebuild
 from streamcl.metrics.prometheus import ServiceMetrics
 from streamcl.models import build_model
 from streamcl.registry.holdout import Holdout
 from streamcl.registry.publisher import Publisher
+from streamcl.stream.broker import check_connection
 from streamcl.stream.consumer import BatchConsumer, MicroBatch
 from streamcl.stream.entries import (
     Batch,
@@ -54,7 +58,14 @@ from streamcl.stream.entries import (
     Verdict,
     config_hash,
 )
-from streamcl.stream.journal import Journal, journal_topic, writer_id
+from streamcl.stream.journal import (
+    Journal,
+    JournalError,
+    JournalFenced,
+    JournalLost,
+    journal_topic,
+    writer_id,
+)
 from streamcl.stream.messages import Decoder
 from streamcl.stream.prefetch import PrefetchingConsumer
 from streamcl.stream.snapshots import SnapshotStore
@@ -72,6 +83,10 @@ E = TypeVar("E", bound=Entry)
 def wants_task_cuts(config: TrainerConfig) -> bool:
     """Whether the boundary spec includes the ``task`` trigger (batches must not straddle it)."""
     return "task" in {part.strip().split(":")[0] for part in config.boundaries.split(",")}
+
+
+class _StoppedInOutage(Exception):
+    """SIGTERM came while a barrier waited for an unreachable broker: stop without it."""
 
 
 @dataclass
@@ -94,12 +109,13 @@ class TrainerService:
                  keep_snapshots: int = 3, client_config: dict[str, Any] | None = None,
                  session_timeout_ms: int = 10_000, prefetch: bool = True,
                  holdout: Holdout | None = None, publisher: Publisher | None = None,
-                 metrics: ServiceMetrics | None = None) -> None:
+                 metrics: ServiceMetrics | None = None, journal_timeout_s: float = 30.0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if snapshot_every_batches < 1:
             raise ValueError(f"snapshot_every_batches must be >= 1, got {snapshot_every_batches}")
         self.config, self.topic, self.name, self.encoding = config, topic, name, encoding
+        self.bootstrap, self.client_config = bootstrap, dict(client_config or {})
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.snapshot_every_batches = snapshot_every_batches
         self.snapshot_every_s = snapshot_every_s
@@ -109,9 +125,10 @@ class TrainerService:
         self.publisher = publisher
         self.metrics = metrics or ServiceMetrics()
         self.snapshots = SnapshotStore(snapshot_dir, keep=keep_snapshots)
+        self.snapshots.check_writable()  # a read-only volume: say so now, not after recovery
         # opening the journal as its writer fences any older instance of this learner
         self.journal = Journal(bootstrap, journal_topic(name), client_config,
-                               writer=writer_id(name))
+                               writer=writer_id(name), timeout_s=journal_timeout_s)
         try:
             self.consumer = self._consumer(bootstrap, group_id, prefetch, client_config,
                                            session_timeout_ms)
@@ -133,6 +150,10 @@ class TrainerService:
         self._last_snapshot_t = time.monotonic()
         self._snapshot_seq = -1    # covers_seq of the last snapshot written or loaded
         self._progress = _Progress(end=0)  # of the last recovery
+        self._down_since: float | None = None  # the broker out of reach since (monotonic)
+        self._stop = threading.Event()         # run()'s stop event
+        self._outage_counted = 0.0             # when the outage seconds were last counted
+        self._dead_letters: Any = None  # DeadLetterWriter of label-cap refusals (at the first)
 
     def _consumer(self, bootstrap: str, group_id: str, prefetch: bool,
                   client_config: dict[str, Any] | None, session_timeout_ms: int
@@ -176,11 +197,7 @@ class TrainerService:
             self.publisher.load_production()
             self._show_production()
         self._seek_live()
-        self._append(Start(config_hash=config_hash(self.config.to_json()), pid=os.getpid(),
-                           host=socket.gethostname(),
-                           trainer_config=self.config.to_json(), encoding=self.encoding,
-                           topic=self.topic, snapshot_seq=rebuilt.snapshot_seq,
-                           replayed=rebuilt.replayed, holdout=self.holdout_spec))
+        self._append_start(rebuilt.snapshot_seq, rebuilt.replayed)
         summary = {"snapshot_seq": None if rebuilt.snapshot_seq < 0 else rebuilt.snapshot_seq,
                    "replayed": rebuilt.replayed, "republished": self._progress.republished,
                    "position": self.trainer.position, "offsets": dict(self.offsets),
@@ -193,6 +210,15 @@ class TrainerService:
         self.ready = True
         log.info("recovered %s: %s", self.name, summary)
         return summary
+
+    def _append_start(self, snapshot_seq: int, replayed: int) -> None:
+        """Journal who trains from here on, with which configuration, at which thread count."""
+        self._append(Start(config_hash=config_hash(self.config.to_json()), pid=os.getpid(),
+                           host=socket.gethostname(),
+                           trainer_config=self.config.to_json(), encoding=self.encoding,
+                           topic=self.topic, snapshot_seq=snapshot_seq,
+                           replayed=replayed, holdout=self.holdout_spec,
+                           torch_threads=torch.get_num_threads()))
 
     def _restore(self, rebuilt: Rebuilt) -> None:
         """What the snapshot kept beside the learner: the publisher's state, the newest sample
@@ -256,6 +282,8 @@ class TrainerService:
         """
         learner = self._learner()
         self.last_loop = time.monotonic()
+        if not self._journal_keeps_up():
+            return False
         batch = self.consumer.poll_batch(self.batch_size, self.max_wait_s)
         if batch is None:
             self._publish_if_due(experience_ended=False)  # the time trigger on a quiet stream
@@ -265,6 +293,7 @@ class TrainerService:
         if self._redelivered(batch):
             return True
         step = learner.prepare(batch)
+        self._refuse(step)
         self._publish_if_due(step.plan is not None and step.plan.boundary is not None)
         entry = self._append(step.entry())
         t0 = time.perf_counter()
@@ -273,6 +302,44 @@ class TrainerService:
         if self._since_snapshot >= self.snapshot_every_batches or self._snapshot_due():
             self.snapshot()
         return True
+
+    def _refuse(self, step: Step) -> None:
+        """Dead-letter the samples the learner refused (a label past ``max_classes``) and count
+        them. The learner decides (a replay refuses the same samples from the same state); only
+        the live loop sends them, like the consumer's own rejections.
+
+        The batch holds decoded arrays, not the messages, so a dead letter's value is a JSON
+        record of the sample (its decoded x, label, id, index among the batch's valid samples,
+        the batch's offset ranges) instead of the original bytes; its source partition is the
+        batch's if it has one (else -1), its source offset -1: not known here."""
+        if not step.refused:
+            return
+        import json
+        from types import SimpleNamespace
+
+        from streamcl.stream.dead_letter import DeadLetterWriter
+        from streamcl.stream.messages import Rejection
+
+        consumer, cap, ranges = self.consumer, self.config.max_classes, step.batch.ranges
+        if self._dead_letters is None:
+            self._dead_letters = DeadLetterWriter(
+                consumer.bootstrap, getattr(consumer, "dlq_topic", f"{consumer.topic}.dlq"),
+                client_config=consumer.client_config)
+        partition = next(iter(ranges)) if len(ranges) == 1 else -1
+        letters = []
+        for r in step.refused:
+            reason = (f"label_cap: label {r.label} is new and the head is full at "
+                      f"learner.max_classes={cap} classes; raise learner.max_classes to learn it")
+            # the sample itself too (x as decoded), so the dead letter alone can be re-sent
+            value = json.dumps({"reason": reason, "label": r.label, "id": r.id, "index": r.index,
+                                "ranges": {str(p): list(v) for p, v in ranges.items()},
+                                "x": step.batch.x[r.index].tolist()})
+            letters.append((SimpleNamespace(topic=consumer.topic, partition=partition, offset=-1,
+                                            key=None, value=value.encode(), headers=[]),
+                            Rejection(reason)))
+        self._dead_letters.write(letters)
+        self.metrics.rejected("label_cap", len(letters))
+        self.rejected += len(letters)
 
     def _redelivered(self, batch: MicroBatch) -> bool:
         """A batch from before the journal's end (re-delivered after a rebalance): drop it and
@@ -319,10 +386,126 @@ class TrainerService:
         self.metrics.journal_appended(time.perf_counter() - t0)
         return numbered
 
+    # -- outages ------------------------------------------------------------------------------
+    #: journal entries the loop may train ahead of their acknowledgement (write-behind); past
+    #: that it waits for the broker instead of training on
+    MAX_IN_FLIGHT = 16
+    #: no acknowledgement for this long with entries pending, or every broker reported down
+    #: for this long: an outage (/readyz answers 503, the outage seconds are counted)
+    OUTAGE_AFTER_S = 2.0
+    #: longest wait between two reconnection attempts (the backoff doubles up to it)
+    MAX_BACKOFF_S = 5.0
+
+    def _journal_keeps_up(self) -> bool:
+        """Whether the loop may poll and train another batch.
+
+        Write-behind lets training run ahead of the broker's acknowledgements, but only by
+        :attr:`MAX_IN_FLIGHT` entries: when the broker stops answering the loop waits here in
+        slices of ``max_wait_s`` (so it keeps turning: liveness, SIGTERM) and trains nothing
+        more, and after :attr:`OUTAGE_AFTER_S` the service reports itself not ready. Idle, with
+        nothing to acknowledge, it asks the broker for metadata instead. If librdkafka gives up
+        on an entry (its message timeout), :class:`JournalError` reaches :meth:`run`, which
+        reconnects (:meth:`_reconnect`).
+        """
+        journal = self.journal
+        stalled = journal.stalled_s()
+        if journal.unacknowledged >= self.MAX_IN_FLIGHT or stalled > self.OUTAGE_AFTER_S:
+            if journal.unacknowledged:
+                journal.flush(self.max_wait_s)
+            else:
+                journal.probe(self.max_wait_s)
+            stalled = journal.stalled_s()
+        self._broker_reachable(stalled <= self.OUTAGE_AFTER_S, stalled)
+        return self._down_since is None and journal.unacknowledged < self.MAX_IN_FLIGHT
+
+    def _broker_reachable(self, reachable: bool, stalled_s: float = 0.0) -> None:
+        """Readiness and the outage metrics follow the broker; an outage is dated from when
+        the writer stopped hearing from it (``stalled_s`` ago), not from when it was noticed."""
+        now = time.monotonic()
+        if self._down_since is not None:
+            self.metrics.broker_outage(now - self._outage_counted)
+            self._outage_counted = now
+        if reachable and self._down_since is not None:
+            log.warning("broker reachable again after %.1f s", now - self._down_since)
+            self._down_since = None
+            self.metrics.set_broker_reachable(True)
+            self.metrics.set_ready(self.ready)
+        elif not reachable and self._down_since is None:
+            log.warning("broker out of reach: training paused (nothing is trained that the "
+                        "journal has not taken)")
+            self._down_since = self._outage_counted = now - stalled_s
+            self.metrics.set_broker_reachable(False)
+            self.metrics.set_ready(False)
+
+    def _reconnect(self, stop: threading.Event, cause: JournalError) -> bool:
+        """The journal writer gave up on an entry: wait for a broker (backoff), open a new
+        writer, and go on from what the log holds. False if ``stop`` came first.
+
+        Every entry this process numbered may or may not be in the log. If the log ends where
+        this process's numbering does, the in-memory state is exactly the log's and training
+        goes on from it; otherwise the state is rebuilt from snapshot + log, as after a crash
+        (:meth:`recover`). A log that lacks entries the broker acknowledged was emptied or
+        replaced: :class:`JournalLost`. Batches polled but not journaled are read again (the
+        input is sought to the journal's offsets).
+        """
+        self._broker_reachable(False)
+        log.warning("journal writer failed (%s): reconnecting", cause)
+        old, self.ready = self.journal, False
+        numbered, acked = old.next_seq, old.acknowledged
+        old.abandon()
+        backoff = 0.25
+        while not stop.is_set():
+            self.last_loop = time.monotonic()  # waiting for the broker is not being stuck
+            try:
+                # a cheap probe first: a journal opened against a dead broker would wait out
+                # each of its clients' own bootstrap timeouts
+                check_connection(self.bootstrap, self.client_config, timeout_s=2.0)
+                journal = Journal(self.bootstrap, old.topic, self.client_config,
+                                  writer=writer_id(self.name), timeout_s=old.timeout_s)
+                break
+            except (JournalFenced, JournalLost):
+                raise
+            except Exception as exc:  # any failure to reach the broker: retry
+                log.info("journal not reachable yet (%s); next try in %.1f s", exc, backoff)
+                self._broker_reachable(False)
+                stop.wait(backoff)  # backoff between attempts, cut short by SIGTERM
+                backoff = min(backoff * 2, self.MAX_BACKOFF_S)
+        else:
+            return False
+        self.journal = journal
+        if journal.next_seq <= acked:
+            raise JournalLost(f"{journal.topic} on {self.bootstrap} ends at entry "
+                              f"{journal.next_seq - 1} but the broker had acknowledged entry "
+                              f"{acked}: it was emptied or replaced; restore the journal topic, "
+                              "or start a new history (another learner name, or an empty "
+                              "snapshot directory)")
+        if journal.next_seq == numbered:
+            self._seek_live()
+            self._append_start(self._snapshot_seq, 0)
+            self.ready = True
+        else:
+            log.warning("the log ends at entry %d, this process had numbered up to %d: "
+                        "rebuilding from snapshot + log", journal.next_seq - 1, numbered - 1)
+            self.recover()
+        self._broker_reachable(True)
+        self.metrics.set_ready(True)
+        return True
+
     def _outside(self) -> None:
         """The one barrier before any effect seen outside this process (snapshot, registry,
-        announcement, group commit): every journal entry so far is acknowledged."""
-        self.journal.sync()
+        announcement, group commit): every journal entry so far is acknowledged.
+
+        It waits in slices, so that an outage met here is reported as one (readiness, the
+        outage seconds) and a SIGTERM during it ends the wait (:class:`_StoppedInOutage`);
+        librdkafka's message timeout still ends it with :class:`JournalError`."""
+        journal = self.journal
+        while journal.flush(self.max_wait_s):
+            self.last_loop = time.monotonic()
+            stalled = journal.stalled_s()
+            self._broker_reachable(stalled <= self.OUTAGE_AFTER_S, stalled)
+            if self._down_since is not None and self._stop.is_set():
+                raise _StoppedInOutage
+        journal.sync()
 
     # -- publication --------------------------------------------------------------------------
     def _publish_if_due(self, experience_ended: bool) -> Verdict | None:
@@ -375,7 +558,10 @@ class TrainerService:
         t0 = time.perf_counter()
         self._outside()
         state = learner.state_dict()
-        state["stream"] = {"newest_ts_ms": self.newest_ts_ms}
+        # the thread count the batches after this snapshot are trained at (until a new start
+        # entry): replay from this snapshot trains them at the same count
+        state["stream"] = {"newest_ts_ms": self.newest_ts_ms,
+                           "torch_threads": torch.get_num_threads()}
         if self.publisher is not None:
             state["publisher"] = self.publisher.state_dict()
         info = self.snapshots.save(state, covers_seq=covers, offsets=offsets)
@@ -398,15 +584,31 @@ class TrainerService:
             until: Callable[[TrainerService], bool] | None = None) -> dict[str, Any]:
         """``recover()``, then step until ``stop`` is set (or ``until(self)`` is true); then
         snapshot and close. Returns the recovery summary plus this run's counts."""
+        self._stop = stop
         try:
             summary = self.recover()
             while not stop.is_set() and not (until is not None and until(self)):
-                self.step_once()
-            self.snapshot()
+                try:
+                    self.step_once()
+                except (JournalFenced, JournalLost):
+                    raise
+                except JournalError as exc:
+                    if not self._reconnect(stop, exc):
+                        break
+                except _StoppedInOutage:
+                    break
+            if self._down_since is None:
+                self.snapshot()
+            else:  # stopped during an outage: what the broker acknowledged is all there is
+                log.warning("stopped during a broker outage: no final snapshot")
         finally:
             self.close()
         return {**summary, "batches": self.batches, "samples": self.samples,
                 "rejected": self.rejected}
+
+    def is_ready(self) -> bool:
+        """Readiness (``/readyz``): recovered, caught up, and the broker within reach."""
+        return self.ready and self._down_since is None
 
     def alive(self, stuck_after_s: float = 120.0) -> bool:
         """Liveness: recovering, or the loop turned within ``stuck_after_s``."""
@@ -421,7 +623,13 @@ class TrainerService:
         if self.publisher is not None:
             with contextlib.suppress(Exception):
                 self.publisher.close()
-        self.journal.close()
+        if self._dead_letters is not None:
+            with contextlib.suppress(Exception):
+                self._dead_letters.close()
+        if self._down_since is None:
+            self.journal.close()
+        else:  # no broker to wait for
+            self.journal.abandon()
 
 
 def service_from_settings(settings: Settings, bootstrap: str
@@ -450,11 +658,14 @@ def service_from_settings(settings: Settings, bootstrap: str
         policy = PublishPolicy(every_samples=publication.every_samples,
                                every_s=publication.every_s,
                                at_experience_end=publication.at_experience_end,
-                               tolerance=publication.gate_tolerance)
+                               tolerance=publication.gate_tolerance,
+                               keep_versions=publication.keep_versions,
+                               keep_alias_history=publication.keep_alias_history)
         publisher = Publisher(ModelRegistry(publication.registry), policy,
                               announcer=Announcer(bootstrap, journal.name, client))
     service = TrainerService(
         config, bootstrap=bootstrap, client_config=client, name=journal.name,
+        journal_timeout_s=journal.timeout_s,
         # consumer
         topic=consumer.topic, group_id=settings.group_id(), encoding=consumer.encoding,
         batch_size=consumer.batch_size, max_wait_s=consumer.max_wait_s,
@@ -466,15 +677,40 @@ def service_from_settings(settings: Settings, bootstrap: str
         holdout=holdout, publisher=publisher, metrics=metrics)
     server = None
     if served.port:
-        server = MetricsServer(metrics, served.host, served.port,
-                               live=service.alive, ready=lambda: service.ready).start()
+        try:
+            server = MetricsServer(metrics, served.host, served.port,
+                                   live=service.alive, ready=service.is_ready).start()
+        except OSError as exc:
+            service.close()
+            raise ValueError(f"metrics.port {served.port} on {served.host}: cannot listen "
+                             f"({exc.strerror or exc}); choose another metrics.port (0: no "
+                             "HTTP endpoint) or stop what holds it") from None
     return service, server
 
 
-def install_sigterm(stop: threading.Event) -> None:
-    """Set ``stop`` on SIGTERM and SIGINT (main thread only), so ``run`` drains and exits."""
+def install_sigterm(stop: threading.Event, drain_timeout_s: float | None = None) -> None:
+    """Set ``stop`` on SIGTERM and SIGINT (main thread only), so ``run`` drains and exits.
+
+    The drain (finish the batch, snapshot, commit) may wait on a broker or a disk; with
+    ``drain_timeout_s`` the process ends anyway that long after the signal, with one line and
+    exit code 1, before an orchestrator's SIGKILL, and whatever it was waiting in (a C call
+    included). Nothing is lost that way: the journal holds every acknowledged decision. A second
+    signal ends it at once (an operator pressing Ctrl-C twice).
+    """
+    def expired() -> None:
+        print(f"streamcl: stopped: the drain took longer than {drain_timeout_s:g} s "
+              "(snapshots.drain_timeout_s); exiting without it (the journal holds every "
+              "acknowledged decision)", file=sys.stderr, flush=True)
+        os._exit(1)
+
     def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            os._exit(128 + signum)
         stop.set()
+        if drain_timeout_s is not None:
+            timer = threading.Timer(drain_timeout_s, expired)
+            timer.daemon = True
+            timer.start()
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

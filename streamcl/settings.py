@@ -33,6 +33,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -89,14 +90,27 @@ class LearnerSettings(Section):
         "error", description='what the drift detector watches: prequential errors or losses')
     seed: int = Field(
         0, description='random seed (initialisation, replay sampling, holdout selection)')
+    max_classes: PositiveInt = Field(
+        1000,
+        description="most distinct labels the head grows to; samples of a label past it go to "
+                    "the dead-letter topic (label_cap)")
     torch_threads: PositiveInt | None = Field(
         None,
         description="torch intra-op threads (unset: one for a small model, else the CPUs this "
                     "process may use, less one for a prefetching consumer)")
 
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, name: str) -> str:
+        from streamcl.strategies import STRATEGIES
+
+        if name not in STRATEGIES:
+            raise ValueError(f"unknown strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
+        return name
+
     def trainer_config(self) -> TrainerConfig:
-        """The trainer's stored config: everything but the thread count, which changes speed,
-        never results."""
+        """The trainer's stored config: everything but the thread count, which changes speed
+        and the last bits of results, so the journal's start entries record it instead."""
         from streamcl.trainer import TrainerConfig
 
         return TrainerConfig(
@@ -104,7 +118,8 @@ class LearnerSettings(Section):
             strategy=self.strategy, params=dict(self.params), lr=self.lr,
             momentum=self.momentum, boundaries=self.boundaries, detector=self.detector,
             detector_params=dict(self.detector_params), min_length=self.min_length,
-            cooldown=self.cooldown, monitor=self.monitor, seed=self.seed)
+            cooldown=self.cooldown, monitor=self.monitor, seed=self.seed,
+            max_classes=self.max_classes)
 
 
 class KafkaSettings(Section):
@@ -114,9 +129,17 @@ class KafkaSettings(Section):
     bootstrap_servers: str | None = Field(
         None,
         description="Kafka bootstrap servers (host:port[,host:port...]); unset: start the "
-                    "embedded broker on a free loopback port")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_SSL"] = Field(
-        "PLAINTEXT", description='PLAINTEXT, SSL (TLS) or SASL_SSL (SASL over TLS)')
+                    "embedded broker on a free loopback port, on kafka.embedded_storage")
+    embedded_storage: str | None = Field(
+        None,
+        description="where the embedded broker (no bootstrap_servers) keeps its data: a tansu "
+                    "storage URL, s3://BUCKET/ (endpoint and keys from AWS_* variables) or "
+                    "postgres://... where tansu is built with it; memory:// loses everything "
+                    "on restart; unset: `streamcl run` refuses to start an embedded broker")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="PLAINTEXT, SSL (TLS), SASL_SSL (SASL over TLS) or SASL_PLAINTEXT (SASL "
+                    "without TLS: the login is protected by SCRAM, the data is not)")
     ssl_cafile: str | None = Field(
         None, description="CA bundle (PEM) that signed the brokers' certificates")
     ssl_certfile: str | None = Field(
@@ -124,11 +147,11 @@ class KafkaSettings(Section):
     ssl_keyfile: str | None = Field(
         None, description='client private key (PEM) for mutual TLS; with ssl_certfile')
     sasl_mechanism: str | None = Field(
-        None, description='with SASL_SSL: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512')
-    sasl_plain_username: str | None = Field(None, description='with SASL_SSL: the user name')
+        None, description='with SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512')
+    sasl_plain_username: str | None = Field(None, description='with SASL_*: the user name')
     sasl_plain_password: str | None = Field(
         None,
-        description="with SASL_SSL: the password (give it as an environment variable from a "
+        description="with SASL_*: the password (give it as an environment variable from a "
                     "secret, not in the file)")
 
     def client_config(self) -> dict[str, Any]:
@@ -163,6 +186,11 @@ class JournalSettings(Section):
     """The learner's identity: its journal, its transactional writer id, its announcements."""
 
     name: str = Field("streamcl", min_length=1, description="journal topic is <name>.journal")
+    timeout_s: PositiveFloat = Field(
+        30.0,
+        description="how long one broker round trip of the journal may take (an append's "
+                    "acknowledgement, a read); past it the writer reconnects, so an outage of "
+                    "any length is waited out")
 
 
 class SnapshotSettings(Section):
@@ -177,6 +205,11 @@ class SnapshotSettings(Section):
         description="also snapshot this often in seconds, on a quiet stream too (unset: by "
                     "batches only)")
     keep: PositiveInt = Field(3, description='newest snapshots kept; older ones are deleted')
+    drain_timeout_s: PositiveFloat = Field(
+        25.0,
+        description="after SIGTERM, the last batch, snapshot and commit must finish within this;"
+                    " past it the process exits (code 1) without them, nothing lost (below "
+                    "Kubernetes' 30 s grace period)")
 
 
 class PublicationSettings(Section):
@@ -196,6 +229,16 @@ class PublicationSettings(Section):
     holdout_fraction: float = Field(0.05, ge=0, lt=1,
                                     description="share of samples kept out of training")
     holdout_size: PositiveInt = Field(1000, description="class-balanced holdout reservoir")
+    keep_versions: PositiveInt | None = Field(
+        None,
+        description="retention after each publication: keep the newest this many versions "
+                    "plus every version an alias points at or pointed at before (see "
+                    "keep_alias_history); unset: keep every version")
+    keep_alias_history: int | None = Field(
+        None, ge=0,
+        description="with keep_versions: per alias, keep only the last this many versions it "
+                    "pointed at before (the publisher moves production to every version it "
+                    "publishes, so unset keeps all of those); unset: all of them")
 
     @property
     def enabled(self) -> bool:
@@ -340,15 +383,27 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     if path is not None:
         import yaml
 
+        # every failure is one line naming the file (found by tests/test_settings_fuzz.py:
+        # binary junk, a directory and a non-string key escaped as tracebacks)
+        shown = str(path) if str(path).isprintable() else ascii(str(path))
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise SettingsError(f"--config {path}: no such file") from None
+            raise SettingsError(f"--config {shown}: no such file") from None
+        except OSError as exc:
+            raise SettingsError(f"--config {shown}: cannot be read ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise SettingsError(f"--config {shown}: not UTF-8 text (byte {exc.start})") from None
         except yaml.YAMLError as exc:
-            raise SettingsError(f"--config {path}: not valid YAML ({exc})".replace("\n", " ")
+            raise SettingsError(" ".join(f"--config {shown}: not valid YAML ({exc})".split())
                                 ) from None
+        except RecursionError:
+            raise SettingsError(f"--config {shown}: not valid YAML (nested too deeply)") from None
         if loaded is not None and not isinstance(loaded, dict):
-            raise SettingsError(f"--config {path}: must be a mapping of section: settings")
+            raise SettingsError(f"--config {shown}: must be a mapping of section: settings")
+        odd = [k for k in (loaded or {}) if not isinstance(k, str)]
+        if odd:
+            raise SettingsError(f"--config {shown}: section names are text, got {odd[0]!r}")
         values.update(loaded or {})
     values.update(overrides)
     flat = _flat_environment(os.environ)

@@ -158,6 +158,12 @@ def promtool() -> str:
 
 
 @pytest.fixture(scope="session")
+def netproxy() -> ModuleType:
+    """tests/netproxy.py: a TCP proxy that cuts the network between clients and a broker."""
+    return load_module("streamcl_tests_netproxy", Path(__file__).with_name("netproxy.py"))
+
+
+@pytest.fixture(scope="session")
 def gen_reference() -> ModuleType:
     """docs/gen_reference.py, the README's reference generator."""
     return load_module("streamcl_docs_gen_reference",

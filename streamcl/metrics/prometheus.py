@@ -225,6 +225,14 @@ class ServiceMetrics:
             "streamcl_journal_entries_since_snapshot",
             "Journal entries after the last snapshot (what a crash would replay).",
             registry=reg)
+        self.broker_outage_seconds = Counter(
+            "streamcl_broker_outage_seconds_total",
+            "Seconds the broker was out of reach (training paused, not ready).", registry=reg)
+        self.broker_reachable = Gauge(
+            "streamcl_broker_reachable",
+            "0 while the broker is out of reach (no acknowledgement, or every broker down).",
+            registry=reg)
+        self.broker_reachable.set(1)
         self.ready_gauge = Gauge(
             "streamcl_ready", "1 once the service has caught up after recovery.", registry=reg)
         self.build_info = Info(
@@ -340,6 +348,13 @@ class ServiceMetrics:
         snapshot (the replay a crash now would cost)."""
         self.journal_lag_entries.set(lag_entries)
         self.journal_entries_since_snapshot.set(since_snapshot)
+
+    def broker_outage(self, seconds: float) -> None:
+        """The broker stayed out of reach ``seconds`` longer."""
+        self.broker_outage_seconds.inc(max(0.0, seconds))
+
+    def set_broker_reachable(self, reachable: bool) -> None:
+        self.broker_reachable.set(1 if reachable else 0)
 
     def set_ready(self, ready: bool) -> None:
         """Whether the service has caught up after recovery (``/readyz`` and

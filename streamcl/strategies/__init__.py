@@ -31,6 +31,8 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 def strategy_params(name: str) -> dict[str, inspect.Parameter]:
     """The parameters strategy ``name`` accepts, with their defaults and annotations."""
+    if name not in STRATEGIES:
+        raise ValueError(f"strategy {name!r}: choose one of {', '.join(STRATEGIES)}")
     sig = inspect.signature(STRATEGIES[name].__init__)
     return {k: p for k, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
 

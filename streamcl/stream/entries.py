@@ -127,6 +127,11 @@ class Start(Entry):
 
     ``trainer_config`` is ``TrainerConfig.to_json()`` and ``encoding`` the input encoding, so
     that ``streamcl replay`` can rebuild from an empty state with nothing but the log.
+    ``torch_threads`` is the intra-op thread count the batches after this entry were trained
+    with: a float reduction split over 2 threads sums in another order than over 1, so the
+    same batches give other weights (last bits) at another count. Replay and recovery train
+    each stretch of the log at the count its ``start`` entry names (``None``: not recorded, an
+    older log; the replaying process's own count is used).
     """
 
     type: ClassVar[str] = "start"
@@ -142,6 +147,7 @@ class Start(Entry):
     snapshot_seq: int = -1
     replayed: int = 0
     holdout: HoldoutSpec | None = None
+    torch_threads: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

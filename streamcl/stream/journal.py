@@ -82,6 +82,12 @@ class JournalFenced(JournalError):
     and write nothing more (the message says so in one line)."""
 
 
+class JournalLost(JournalError):
+    """The log holds less than this learner knows was written (a snapshot covers entries it
+    lacks, or acknowledged entries are gone): the broker was emptied or replaced. Resuming
+    would silently fork history, so the service stops with one line naming the fix."""
+
+
 def journal_topic(name: str) -> str:
     """The journal topic of the learner ``name``.
 
@@ -166,6 +172,27 @@ class Journal:
         """Entries appended whose acknowledgement has not come back yet."""
         return 0 if self._writer is None else self._writer.pending
 
+    @property
+    def acknowledged(self) -> int:
+        """The highest seq the broker has acknowledged to this writer (-1: none yet)."""
+        return -1 if self._writer is None else self._writer.acked
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for acknowledgements, without committing; return how many
+        entries are still unacknowledged. Raises as :meth:`sync` does on a failure."""
+        return 0 if self._writer is None else self._writer.flush(timeout_s)
+
+    def stalled_s(self) -> float:
+        """How long the broker has been out of reach as the writer sees it: seconds since the
+        oldest unacknowledged entry was sent with no acknowledgement since, or since librdkafka
+        reported every broker down; 0 when neither."""
+        return 0.0 if self._writer is None else self._writer.stalled_s()
+
+    def probe(self, timeout_s: float) -> bool:
+        """Whether a broker answers a metadata request within ``timeout_s`` (clears a "brokers
+        down" report when one does). Cheap: used while idle or waiting out an outage."""
+        return self._writer is not None and self._writer.probe(timeout_s)
+
     # -- reading ----------------------------------------------------------------------------
     def read(self, from_seq: int = 0, to_seq: int | None = None) -> Iterator[Entry]:
         """Entries ``from_seq`` .. ``to_seq`` (inclusive; ``None``: to the end), in order.
@@ -213,7 +240,8 @@ class Journal:
         return _Reader(self)
 
     def _check_partitions(self) -> None:
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, **self.client_config)
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, reconnect_backoff_max_ms=1000,
+                                 **self.client_config)
         try:
             deadline = time.monotonic() + self.timeout_s
             while True:
@@ -235,6 +263,13 @@ class Journal:
         if self._writer is not None:
             writer, self._writer = self._writer, None
             writer.close()
+
+    def abandon(self) -> None:
+        """Close without waiting for the broker: entries not yet acknowledged may or may not be
+        in the log, which is what the next writer reads (recovery after an outage)."""
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.abandon()
 
     def __enter__(self) -> Journal:
         return self
@@ -267,7 +302,12 @@ class _Writer:
                 "acks": "all", "enable.idempotence": True, "linger.ms": 0,
                 "transaction.timeout.ms": 60_000,
                 "message.timeout.ms": max(200, min(60_000, int(timeout_s * 1000))),
-                "log.connection.close": False, "error_cb": self._error}
+                "reconnect.backoff.max.ms": 1000,  # back within a second of the broker
+                "log.connection.close": False, "error_cb": self._error,
+                # librdkafka's own log lines go to Python logging, not straight to stderr, and
+                # only critical ones: a refused connection during an outage is logged at every
+                # retry, and what matters of it reaches error_cb anyway
+                "logger": logging.getLogger("streamcl.librdkafka"), "log_level": 2}
         for key, value in client_config.items():
             if key not in self._KEYS:
                 raise ValueError(f"journal: no librdkafka equivalent for client setting {key}")
@@ -283,6 +323,9 @@ class _Writer:
         self._vague = False  # a failure that does not say why (see _check)
         self._txn_since: float | None = None  # when the open transaction began
         self.pending = 0
+        self.acked = -1                      # the highest acknowledged seq
+        self._waiting_since: float | None = None  # entries pending, no acknowledgement since
+        self._down_since: float | None = None     # librdkafka: all brokers down
         try:
             self._producer.init_transactions(timeout_s)
         except confluent_kafka.KafkaException as exc:
@@ -294,6 +337,8 @@ class _Writer:
         if self._txn_since is None:
             self._call(self._producer.begin_transaction)
             self._txn_since = time.monotonic()
+        if self.pending == 0:
+            self._waiting_since = time.monotonic()
         self.pending += 1
         try:
             self._producer.produce(self.topic, value, str(seq).encode(), partition=_PARTITION,
@@ -336,7 +381,13 @@ class _Writer:
             if err is not None:
                 if seq is not None or err.fatal():
                     self._fail(err, seq)
+                elif err.code() == self._kafka.KafkaError._ALL_BROKERS_DOWN:
+                    self._down_since = self._down_since or time.monotonic()
                 continue
+            assert seq is not None
+            self.acked = max(self.acked, seq)
+            self._down_since = None
+            self._waiting_since = time.monotonic() if self.pending else None
             offset = msg.offset()
             if offset is not None and offset < seq and self._failed is None:
                 # entry k can only sit at offset >= k (see the module docstring)
@@ -375,17 +426,29 @@ class _Writer:
         self._fail(exc.args[0])
         self._check()
 
+    def stalled_s(self) -> float:
+        self._producer.poll(0)
+        self._read_reports()
+        since = [t for t in (self._waiting_since, self._down_since) if t is not None]
+        return time.monotonic() - min(since) if since else 0.0
+
+    def probe(self, timeout_s: float) -> bool:
+        try:
+            self._producer.list_topics(self.topic, timeout=timeout_s)
+        except self._kafka.KafkaException:
+            return False
+        self._down_since = None
+        return True
+
+    def flush(self, timeout_s: float) -> int:
+        self._check()
+        self._flush(timeout_s)
+        self._check()
+        return self.pending
+
     def sync(self) -> None:
         self._check()
-        try:
-            left = self._producer.flush(self.timeout_s)
-        except (self._kafka.KafkaException, SystemError) as exc:
-            # after a fatal error (fenced) flush raises, or fails inside the binding: the
-            # error callback has recorded why
-            if isinstance(exc, self._kafka.KafkaException):
-                self._reports.append((None, exc.args[0], None))
-            self._read_reports()
-            self._failed = self._failed or f"flush failed: {exc!r}"
+        left = self._flush(self.timeout_s)
         self._check()
         if left:
             self._failed = f"{left} entries not acknowledged within {self.timeout_s:g} s"
@@ -394,10 +457,33 @@ class _Writer:
             self._call(self._producer.commit_transaction, self.timeout_s)
             self._txn_since = None
 
+    def _flush(self, timeout_s: float) -> int:
+        """librdkafka's flush (delivery reports served); the entries left unacknowledged."""
+        left = self.pending
+        try:
+            left = self._producer.flush(timeout_s)
+        except (self._kafka.KafkaException, SystemError) as exc:
+            # after a fatal error (fenced) flush raises, or fails inside the binding: the
+            # error callback has recorded why
+            if isinstance(exc, self._kafka.KafkaException):
+                self._reports.append((None, exc.args[0], None))
+            self._read_reports()
+            self._failed = self._failed or f"flush failed: {exc!r}"
+        self._read_reports()
+        return left
+
     def close(self) -> None:
         if self._failed is None and not self._fenced:
             with contextlib.suppress(JournalError):
                 self.sync()
+
+    def abandon(self) -> None:
+        """Drop whatever is unacknowledged without waiting (the writer failed, or the broker is
+        out of reach): the log decides what happened, the next writer reads it."""
+        with contextlib.suppress(Exception):
+            self._producer.purge()
+        with contextlib.suppress(Exception):
+            self._producer.flush(0)
 
 
 class _Reader:
@@ -415,7 +501,7 @@ class _Reader:
         self.consumer = KafkaConsumer(
             bootstrap_servers=journal.bootstrap, group_id=None, enable_auto_commit=False,
             auto_offset_reset="none", fetch_max_wait_ms=20, request_timeout_ms=timeout_ms + 5000,
-            **journal.client_config)
+            reconnect_backoff_max_ms=1000, **journal.client_config)
         try:
             self.consumer.assign([self.tp])
             self.start = self.consumer.beginning_offsets([self.tp], timeout_ms)[self.tp]

@@ -82,6 +82,17 @@ class SnapshotError(ValueError):
     """A snapshot is incomplete or damaged (the message says how)."""
 
 
+class SnapshotWriteError(SnapshotError):
+    """A snapshot could not be written (a read-only or full volume): nothing of it is left
+    behind and the earlier snapshots are intact; the message names the directory and the fix."""
+
+
+def _unwritable(directory: Path, exc: OSError, what: str) -> SnapshotWriteError:
+    return SnapshotWriteError(
+        f"snapshots.dir {directory}: cannot write {what} ({exc.strerror or exc}); the earlier "
+        "snapshots are intact: free space there or point snapshots.dir at a writable volume")
+
+
 class SnapshotStore:
     """Snapshots of a learner's state in ``directory`` (created if missing), newest ``keep``."""
 
@@ -89,7 +100,10 @@ class SnapshotStore:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unwritable(self.directory, exc, "the directory") from None
         self.keep = keep
         #: what the last :meth:`latest_valid` call passed over, newest first
         self.skipped: list[Skipped] = []
@@ -129,16 +143,33 @@ class SnapshotStore:
             fsync_dir(self.directory)
         data = dump_state(state)
         digest, size = hashlib.sha256(data).hexdigest(), len(data)
-        _write_atomic(path, data, self._temp(path))
-        stat = path.stat()
+        try:
+            _write_atomic(path, data, self._temp(path))
+            stat = path.stat()
+            info = SnapshotInfo(covers_seq=covers_seq, offsets=offsets, sha256=digest,
+                                size=size, path=path, sidecar=sidecar,
+                                created_at=datetime.now(UTC).isoformat(timespec="milliseconds"))
+            _write_atomic(sidecar, (json.dumps(info.to_json(), indent=1) + "\n").encode(),
+                          self._temp(sidecar))
+        except OSError as exc:
+            # a state file without its sidecar is no snapshot: remove it, so that a service
+            # restarted on a full disk does not pile up partial files
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise _unwritable(self.directory, exc, f"snapshot {covers_seq}") from None
         self._verified[(path.name, stat.st_size, stat.st_mtime_ns)] = digest
-        info = SnapshotInfo(covers_seq=covers_seq, offsets=offsets, sha256=digest, size=size,
-                            created_at=datetime.now(UTC).isoformat(timespec="milliseconds"),
-                            path=path, sidecar=sidecar)
-        _write_atomic(sidecar, (json.dumps(info.to_json(), indent=1) + "\n").encode(),
-                      self._temp(sidecar))
         self._prune(covers_seq)
         return info
+
+    def check_writable(self) -> None:
+        """Raise :class:`SnapshotWriteError` now, at start-up, if the directory cannot take a
+        file (a read-only volume), rather than after a recovery at the first snapshot."""
+        probe = self._temp(self.directory / "write-check")
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise _unwritable(self.directory, exc, "files") from None
 
     def _temp(self, final: Path) -> Path:
         return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")

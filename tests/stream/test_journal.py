@@ -254,7 +254,9 @@ def test_appends_do_not_wait_and_a_sync_waits_for_a_stalled_broker() -> None:
 
 def test_an_unacknowledged_append_raises_and_stops_the_writer() -> None:
     with EmbeddedBroker(stop_timeout_s=0.2) as broker:  # tansu lingers on SIGTERM
-        journal = Journal(broker.bootstrap, "lost.journal", timeout_s=1, writer="lost")
+        # 5 s: the first transaction on a fresh broker must fit in it on a busy machine (1 s
+        # did not), and the lost entry is declared lost that long after the broker is gone
+        journal = Journal(broker.bootstrap, "lost.journal", timeout_s=5, writer="lost")
         journal.append(Start(config_hash="0" * 64))
         journal.sync()
         broker.stop()

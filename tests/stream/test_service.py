@@ -91,8 +91,9 @@ def _drained(service: TrainerService) -> bool:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread() -> Iterator[None]:
-    """Every run here (in-process, worker processes, replays) at one torch thread: results are
-    bit-exact at one thread count only, which the journal does not record yet (issue 12)."""
+    """Every live run here (in-process and worker processes) at one torch thread, a count any
+    machine has; the journal records it, and replays train at it whatever their own count
+    (test_replay_at_another_thread_count_is_bit_exact)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -162,6 +163,42 @@ def test_end_to_end_matches_in_memory_trainer(kafka_bootstrap: str, data: tuple[
     # the final snapshot covers everything, and the group offsets followed it
     info, _ = SnapshotStore(live["snapdir"]).latest_valid()
     assert info.covers_seq >= batches[-1].seq and info.offsets == {0: N_TOTAL}
+
+
+def test_replay_at_another_thread_count_is_bit_exact(kafka_bootstrap: str,
+                                                     data: tuple[str, Stream],
+                                                     live: dict[str, Any],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The live run trained at 1 thread; a replay in a process whose default is 2 threads
+    trains each stretch at the count the journal's start entries name, so it ends in the live
+    SHA-256, and hands the process its own count back. The control (thread counts ignored)
+    shows the counts matter for this model at all: otherwise the test would prove nothing."""
+    import contextlib
+
+    import streamcl.learner
+
+    topic, _ = data
+    starts = [e for e in _entries(kafka_bootstrap, live["name"]) if isinstance(e, Start)]
+    assert starts and all(e.torch_threads == 1 for e in starts)
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_NUM_THREADS",)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamcl", "replay", "--bootstrap", kafka_bootstrap,
+         "--name", live["name"], "--topic", topic],
+        capture_output=True, text=True, timeout=180, env={**env, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == live["sha256"]
+
+    torch.set_num_threads(2)
+    assert replay(kafka_bootstrap, live["name"], topic)[0] == live["sha256"]
+    assert torch.get_num_threads() == 2
+
+    @contextlib.contextmanager
+    def ignored(threads: int | None) -> Iterator[Any]:
+        yield lambda n: None
+
+    monkeypatch.setattr(streamcl.learner, "training_threads", ignored)
+    assert replay(kafka_bootstrap, live["name"], topic)[0] != live["sha256"]
+    torch.set_num_threads(1)
 
 
 def test_snapshot_with_other_config_is_refused(kafka_bootstrap: str, data: tuple[str, Stream],

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from streamcl.state import load_state, state_sha256
-from streamcl.stream.snapshots import SnapshotError, SnapshotStore
+from streamcl.stream.snapshots import SnapshotError, SnapshotStore, SnapshotWriteError
 from streamcl.trainer import OnlineTrainer, TrainerConfig
 
 
@@ -147,6 +147,32 @@ def test_an_interrupted_write_is_ignored_and_cleaned_up(
                                 for ext in ("json", "safetensors")]
 
 
+class SimulatedCrash(BaseException):
+    """The process dies here: no handler of the code under test runs (an OSError would be
+    handled: a failed write cleans up after itself, test_a_failed_write_leaves_nothing)."""
+
+
+def test_a_failed_write_leaves_nothing(tmp_path: Path, states: list[dict[str, Any]],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails (a full disk at the sidecar) removes the state file it wrote, says
+    so in one line, and leaves the earlier snapshot valid."""
+    store = SnapshotStore(tmp_path)
+    store.save(states[0], covers_seq=1, offsets={0: 1})
+    real_replace = os.replace
+
+    def full_at_sidecar(src: Any, dst: Any) -> None:
+        if Path(dst).name == "snapshot-000000000002.json":
+            raise OSError(28, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_at_sidecar)
+    with pytest.raises(SnapshotWriteError, match=r"cannot write snapshot 2 \(No space left"):
+        store.save(states[1], covers_seq=2, offsets={0: 2})
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert _names(tmp_path) == ["snapshot-000000000001.json", "snapshot-000000000001.safetensors"]
+    assert store.latest_valid()[0].covers_seq == 1  # type: ignore[index]
+
+
 def test_a_state_file_never_appears_half_written(
         tmp_path: Path, states: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
     store = SnapshotStore(tmp_path)
@@ -160,11 +186,11 @@ def test_a_state_file_never_appears_half_written(
             renamed.append((Path(src).name, Path(src).read_bytes()))
             assert state_sha256(load_state(src)) == state_sha256(states[1])
             # ... when the crash hits, before it is published under its final name
-            raise OSError("simulated crash")
+            raise SimulatedCrash
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", crash_on_publish)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(SimulatedCrash):
         store.save(states[1], covers_seq=2, offsets={0: 2})
     monkeypatch.setattr(os, "replace", real_replace)
     assert len(renamed) == 1 and renamed[0][0].startswith(".snapshot-000000000002.")
@@ -182,11 +208,11 @@ def test_a_crash_between_state_file_and_sidecar_leaves_an_incomplete_snapshot(
 
     def crash_on_commit(src: Any, dst: Any) -> None:
         if Path(dst).name == "snapshot-000000000002.json":
-            raise OSError("simulated crash")
+            raise SimulatedCrash
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", crash_on_commit)
-    with pytest.raises(OSError, match="simulated crash"):
+    with pytest.raises(SimulatedCrash):
         store.save(states[1], covers_seq=2, offsets={0: 2})
     monkeypatch.setattr(os, "replace", real_replace)
     assert (tmp_path / "snapshot-000000000002.safetensors").exists()  # complete, uncommitted
