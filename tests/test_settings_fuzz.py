@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from pydantic_core import PydanticUndefined
 
@@ -35,12 +34,12 @@ from streamcl.settings import (
     sections,
 )
 
+from .fuzzing import fuzz_settings
+from .fuzzing import within_deadline as _within_deadline
+
 EXAMPLES = 300
 HANG_S = 60.0
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                print_blob=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.filter_too_much])
+FUZZ = fuzz_settings(EXAMPLES)
 
 #: cases run per property, and what they came to
 STATS: dict[str, dict[str, int]] = {}
@@ -65,22 +64,8 @@ def outcome(load: Callable[[], Settings], stats: dict[str, int]) -> None:
 
 
 def within_deadline(name: str, prop: Callable[[], None]) -> None:
-    """Run a hypothesis property in a thread; a hang fails the test after :data:`HANG_S`."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            prop()
-        except BaseException as exc:  # re-raised in the test's thread
-            errors.append(exc)
-
-    worker = threading.Thread(target=target, name=f"fuzz-{name}", daemon=True)
-    worker.start()
-    worker.join(HANG_S)
-    if worker.is_alive():
-        pytest.fail(f"{name}: the settings property ran past {HANG_S:g} s (a hang)")
-    if errors:
-        raise errors[0]
+    """Run a hypothesis property under the wall-clock guard, then check it really ran."""
+    _within_deadline(name, prop, HANG_S)
     assert STATS.get(name, {}).get("cases", 0) >= EXAMPLES // 2, STATS.get(name)
 
 
@@ -113,8 +98,9 @@ scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text
                    st.sampled_from(["PLAINTEXT", "drift", "mlp", "er", "/tmp/x", "s3://b/p"]))
 names = st.one_of(st.sampled_from([f for _, f in SETTING_PATHS] + list(TREE)),
                   st.text(max_size=8))
-nested = st.recursive(scalar, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(names, inner, max_size=4), max_leaves=16)
+nested = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                     st.dictionaries(names, inner, max_size=4)),
+                      max_leaves=16)
 
 
 @st.composite

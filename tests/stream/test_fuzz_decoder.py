@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -39,15 +37,15 @@ from streamcl.stream.messages import (
     encode_json,
 )
 
+from ..fuzzing import fuzz_settings
+from ..fuzzing import within_deadline as _within_deadline
+
 #: examples per property: the four together take ~6 s on two busy cores
 EXAMPLES = 400
 #: a property that takes longer has hung (they take ~1-3 s)
 HANG_S = 60.0
 
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-                print_blob=False,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.filter_too_much])
+FUZZ = fuzz_settings(EXAMPLES)
 
 SHAPE = (2, 2)
 DTYPES = ("uint8", "float32", "float64")
@@ -91,23 +89,8 @@ def check(decoder: Decoder, result: Any, stats: dict[str, int]) -> None:
 
 
 def within_deadline(name: str, prop: Callable[[], None]) -> None:
-    """Run a hypothesis property in a thread; a hang fails the test after :data:`HANG_S`."""
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            prop()
-        except BaseException as exc:  # re-raised in the test's thread
-            errors.append(exc)
-
-    worker = threading.Thread(target=target, name=f"fuzz-{name}", daemon=True)
-    worker.start()
-    worker.join(HANG_S)
-    if worker.is_alive():
-        pytest.fail(f"{name}: the decoder property ran past {HANG_S:g} s (a hang); it is left "
-                    "running in a daemon thread")
-    if errors:
-        raise errors[0]
+    """Run a hypothesis property under the wall-clock guard, then check it really ran."""
+    _within_deadline(name, prop, HANG_S)
     stats = STATS.get(name, {})
     assert stats.get("cases", 0) >= EXAMPLES // 2, stats  # hypothesis really ran the cases
 
