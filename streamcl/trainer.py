@@ -39,6 +39,7 @@ from torch import nn
 
 from streamcl.drift.boundaries import Boundary, BoundaryPolicy
 from streamcl.models import Classifier, build_model, train_forward_predicts
+from streamcl.parallel import ReplicaGroup
 from streamcl.settings import LearnerSettings
 from streamcl.state import set_rng_state
 from streamcl.strategies import Strategy, make_strategy, resolved_params
@@ -130,8 +131,11 @@ class OnlineTrainer:
 
     def __init__(self, config: TrainerConfig,
                  optimizer_factory: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
-                 | None = None) -> None:
+                 | None = None, group: ReplicaGroup | None = None) -> None:
         self.config = config
+        #: the replicas this trainer is one of (data-parallel; None: it is alone)
+        self.group = group
+        self._replica_sizes: list[int] = []  # each replica's batch size in the planned step
         self.device = torch.device(config.device)
         seeds = torch.Generator().manual_seed(config.seed)
         # one generator per consumer, so adding a draw in one place never shifts another's
@@ -146,6 +150,12 @@ class OnlineTrainer:
                           torch.optim.SGD(params, lr=config.lr, momentum=config.momentum))
         self.strategy: Strategy = make_strategy(config.strategy, self.model, self.optimizer,
                                                 strategy_gen, config.params)
+        if group is not None and not self.strategy.data_parallel:
+            raise ValueError(f"strategy {config.strategy!r} does not run data-parallel yet "
+                             "(its state must be global, not only its gradients): use one "
+                             "replica, or naive or er")
+        if group is not None:
+            self.strategy.shard(group.rank, group.world_size)
         self.policy = BoundaryPolicy.from_spec(
             config.boundaries, detector=config.detector, detector_params=config.detector_params,
             min_length=config.min_length, cooldown=config.cooldown, monitor=config.monitor)
@@ -161,7 +171,17 @@ class OnlineTrainer:
 
     # -- the step ---------------------------------------------------------------------------
     def plan(self, y: torch.Tensor, task: torch.Tensor | int | None = None) -> Plan:
-        """Decide the step for a batch with labels ``y`` (and the producer's task value)."""
+        """Decide the step for a batch with labels ``y`` (and the producer's task value).
+
+        Data-parallel, ``y`` is this replica's part and the plan is the global step's: every
+        replica's labels in rank order (a replica may bring none), the first task value."""
+        if self.group is not None:
+            if isinstance(task, torch.Tensor):
+                task = int(task.reshape(-1)[0]) if task.numel() else None
+            headers = self.group.exchange([len(y), -1 if task is None else task])
+            self._replica_sizes = [n for n, _ in headers]
+            task = next((t for _, t in headers if t >= 0), None)
+            y = torch.cat(self.group.gather(y.long(), self._replica_sizes))
         y_list = y.tolist()
         if not y_list:
             raise ValueError("an empty batch has nothing to learn; skip it instead of planning it")
@@ -204,6 +224,8 @@ class OnlineTrainer:
         n_known = self.model.n_classes
         if plan.new_labels:
             self._add_labels(plan.new_labels)
+        if self.group is not None:
+            return self._learn_replica(x, y, plan, n_known)
         x = prepare_inputs(x, self.device)
         yi = self._to_indices(y)
         if not self.shared_forward:
@@ -229,6 +251,51 @@ class OnlineTrainer:
         self.correct += correct
         self.loss_sum += loss * size
         return StepResult(plan, self._to_labels(pred), correct, loss)
+
+    def _learn_replica(self, x: torch.Tensor, y: torch.Tensor, plan: Plan,
+                       n_known: int) -> StepResult:
+        """:meth:`learn` as one of N replicas: the gradient is averaged over the replicas
+        (weighted by batch size) inside the strategy's optimizer step, the detector sees every
+        replica's errors in rank order, the counts are global. A replica with an empty batch
+        still takes the step (its gradient counts as zeros)."""
+        group = self.group
+        assert group is not None
+        n = len(y)
+        self.strategy.reduce_gradients = lambda: group.average_gradients(
+            self.model.parameters(), n)
+        if n:
+            x = prepare_inputs(x, self.device)
+            yi = self._to_indices(y)
+            if not self.shared_forward:
+                scores = self._predict_scores(x, n_known)
+            logits = self.strategy.observe(x, yi)
+            if self.shared_forward:
+                scores = self.model.rectify(logits[:, :n_known]) if n_known else None
+            pred = (scores.argmax(1) if n_known else
+                    torch.full((n,), -1, dtype=torch.long, device=self.device))
+            losses = F.cross_entropy(logits, yi, reduction="none").detach()
+            errors = (pred != yi).float()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.strategy.reduce_gradients()
+            self.optimizer.step()
+            pred = torch.zeros(0, dtype=torch.long)
+            losses = errors = torch.zeros(0)
+        # every replica's errors and losses, in rank order: the counts and the detector's input
+        sizes = self._replica_sizes
+        parts = group.gather(torch.cat([errors.cpu(), losses.float().cpu()]),
+                             [2 * s for s in sizes])
+        errors = torch.cat([p[:s] for p, s in zip(parts, sizes, strict=True)])
+        losses = torch.cat([p[s:] for p, s in zip(parts, sizes, strict=True)])
+        correct, loss_sum = len(errors) - float(errors.sum()), float(losses.sum())
+        if self.policy.detector is not None:
+            signal = losses if self.policy.wants_losses else errors
+            self.policy.observe(self.position, signal.tolist())
+        self.position += plan.size
+        self.steps += 1
+        self.correct += round(correct)
+        self.loss_sum += loss_sum
+        return StepResult(plan, self._to_labels(pred), round(correct), loss_sum / plan.size)
 
     def step(self, x: torch.Tensor, y: torch.Tensor,
              task: torch.Tensor | int | None = None) -> StepResult:

@@ -11,6 +11,7 @@ training forward doubles as the test-then-train prediction at no extra cost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +26,12 @@ class Strategy:
     """Base class: holds the model, the optimizer and the strategy's own random generator."""
 
     name: ClassVar[str] = "base"
+    #: whether N replicas running this strategy, their gradients averaged at each optimizer
+    #: step (:mod:`streamcl.parallel`), act as one learner: true when every update goes
+    #: through :meth:`sgd_step` once per batch and no other state must be global
+    data_parallel: ClassVar[bool] = False
+    #: set by a data-parallel trainer: averages the gradients over the replicas
+    reduce_gradients: Callable[[], object] | None = None
 
     def __init__(self, model: Classifier, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator) -> None:
@@ -37,6 +44,12 @@ class Strategy:
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Train on one batch (``y`` are head indices); return its pre-update logits, detached."""
         raise NotImplementedError
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Become replica ``rank`` of ``world_size`` (data-parallel): take this replica's share
+        of whatever is sized for the whole learner (a replay memory and its batch), so that N
+        replicas together hold and replay what one learner would. Called once, before any
+        batch."""
 
     # -- stream events ----------------------------------------------------------------------
     def on_experience_end(self) -> None:
@@ -78,7 +91,19 @@ class Strategy:
     def sgd_step(self, loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.reduce_gradients is not None:  # data-parallel: the step's global gradient
+            self.reduce_gradients()
         self.optimizer.step()
+
+
+def share(n: int, rank: int, world_size: int) -> int:
+    """Replica ``rank``'s part of ``n`` items split ``world_size`` ways (the first ``n %
+    world_size`` replicas take one more).
+
+    >>> [share(5, r, 2) for r in range(2)]
+    [3, 2]
+    """
+    return n // world_size + (1 if rank < n % world_size else 0)
 
 
 def replay_step_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -13,6 +13,7 @@ from streamcl.strategies.base import Strategy
 
 class Naive(Strategy):
     name = "naive"
+    data_parallel = True
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)

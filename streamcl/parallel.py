@@ -1,0 +1,155 @@
+"""Data-parallel training: N replicas of one learner, one model, one decision per global step.
+
+Each replica (a process with a ``RANK`` of ``WORLD_SIZE``, launched by ``torchrun`` or an
+orchestrator) reads its own share of the input's partitions (:meth:`ReplicaGroup.partitions`:
+fixed by rank, no consumer-group rebalancing) and brings one micro-batch to every global step,
+an empty one if it has none. torch.distributed is the engine; what this module adds is the few
+collectives that make N replicas behave as one learner that saw the step's samples in rank
+order:
+
+* **the plan** (:meth:`gather`): the labels of every replica's batch, in rank order, so that
+  new labels are found, and the head grows, in the same order everywhere;
+* **the gradient** (:meth:`average_gradients`): each replica's mean-loss gradient weighted by
+  its sample count, summed, divided by the global count; for a mean loss that is the gradient
+  of the whole step's batch, so every replica takes the same optimizer step (a replica with an
+  empty batch contributes zeros and still steps);
+* **the drift detector's input** (:meth:`gather`): the per-sample errors of every replica in
+  rank order, fed to each replica's detector, so each one decides the same boundary at the same
+  global position;
+* **the check** (:meth:`check_identical`): a SHA-256 of the parameters from every replica; a
+  mismatch stops the group (:class:`ReplicaDivergence`) rather than train diverging copies.
+
+No pickle crosses the group: everything exchanged is a tensor (variable lengths are sent as
+sizes first, then padded). Backend gloo on CPU, nccl on CUDA. ``collective_s`` counts the
+seconds spent in collectives, for the benchmark (bench/scale.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class ReplicaDivergence(RuntimeError):
+    """The replicas' parameters differ: the group must stop (one line says which ranks)."""
+
+
+class ReplicaGroup:
+    """This process's place among ``world_size`` replicas, and the collectives they share."""
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.rank, self.world_size = rank, world_size
+        #: seconds spent in collective calls so far
+        self.collective_s = 0.0
+
+    @classmethod
+    def start(cls, *, backend: str | None = None, timeout_s: float = 300.0) -> ReplicaGroup:
+        """Join the group torch.distributed describes in the environment (``RANK``,
+        ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``: what torchrun and a StatefulSet
+        set); gloo on CPU, nccl when CUDA is available."""
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+                   if k not in os.environ]
+        if missing:
+            raise ValueError(f"data-parallel training needs {', '.join(missing)} in the "
+                             "environment (torchrun sets them)")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def stop(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- work split ---------------------------------------------------------------------------
+    def partitions(self, n_partitions: int) -> list[int]:
+        """The input partitions this replica reads: every ``world_size``-th one from ``rank``
+        (fixed, so the journal can say who read what; a replica may get none)."""
+        return [p for p in range(n_partitions) if p % self.world_size == self.rank]
+
+    # -- collectives ----------------------------------------------------------------------------
+    # A step makes four collective calls, each one latency on the wire: the header and the
+    # labels (plan), the gradients, the errors and losses (learn). Alone (world size 1) none.
+    def exchange(self, header: list[int]) -> list[list[int]]:
+        """Every replica's small integer ``header`` (same length everywhere), by rank."""
+        if self.world_size == 1:
+            return [list(header)]
+        t0 = time.perf_counter()
+        mine = torch.tensor(header, dtype=torch.long)
+        parts = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine)
+        self.collective_s += time.perf_counter() - t0
+        return [p.tolist() for p in parts]
+
+    def gather(self, values: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        """Every replica's 1-D ``values`` by rank; ``sizes``: their lengths, known to all
+        (from :meth:`exchange`), so one call suffices."""
+        values = values.reshape(-1)
+        if self.world_size == 1:
+            return [values]
+        t0 = time.perf_counter()
+        padded = torch.zeros(max(sizes), dtype=values.dtype)
+        padded[:len(values)] = values
+        parts = [torch.zeros_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        self.collective_s += time.perf_counter() - t0
+        return [p[:s] for p, s in zip(parts, sizes, strict=True)]
+
+    def average_gradients(self, params: Iterable[nn.Parameter], weight: int) -> int:
+        """Replace each replica's gradients by the global mean: ``sum(weight_r * grad_r) /
+        sum(weight_r)`` (``weight``: this replica's sample count; a missing gradient counts as
+        zeros). One all-reduce of one flat vector, the count riding at its end. Returns the
+        global count."""
+        params = list(params)
+        if self.world_size == 1:
+            return weight
+        t0 = time.perf_counter()
+        flat = torch.cat([*((p.grad if p.grad is not None else torch.zeros_like(p))
+                            .reshape(-1) * weight for p in params),
+                          torch.tensor([float(weight)], dtype=params[0].dtype)])
+        dist.all_reduce(flat)
+        total = float(flat[-1])
+        flat = flat[:-1] / max(total, 1.0)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        self.collective_s += time.perf_counter() - t0
+        return round(total)
+
+    def check_identical(self, model: nn.Module) -> str:
+        """The parameters' SHA-256, the same on every replica, or :class:`ReplicaDivergence`."""
+        digest = parameters_sha256(model)
+        if self.world_size == 1:
+            return digest
+        mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
+        theirs = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(theirs, mine)
+        differ = [r for r, t in enumerate(theirs) if not torch.equal(t, mine)]
+        if differ:
+            raise ReplicaDivergence(f"replica {self.rank}'s parameters differ from those of "
+                                    f"replica(s) {differ}: the group stops (restart it from the "
+                                    "last snapshot)")
+        return digest
+
+
+def parameters_sha256(model: nn.Module) -> str:
+    """SHA-256 over the parameters' names, shapes and bytes (CPU copies, in order)."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        h.update(name.encode())
+        h.update(str(tuple(p.shape)).encode())
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+__all__ = ["ReplicaDivergence", "ReplicaGroup", "parameters_sha256"]
