@@ -460,19 +460,28 @@ class TrainerService:
                 # a cheap probe first: a journal opened against a dead broker would wait out
                 # each of its clients' own bootstrap timeouts
                 check_connection(self.bootstrap, self.client_config, timeout_s=2.0)
-                journal = Journal(self.bootstrap, old.topic, self.client_config,
-                                  writer=writer_id(self.name), timeout_s=old.timeout_s)
-                break
+                self.journal = Journal(self.bootstrap, old.topic, self.client_config,
+                                       writer=writer_id(self.name), timeout_s=old.timeout_s)
+                self._resume(numbered, acked)
+                self._broker_reachable(True)
+                self.metrics.set_ready(True)
+                return True
             except (JournalFenced, JournalLost):
                 raise
-            except Exception as exc:  # any failure to reach the broker: retry
+            except Exception as exc:  # the broker went away again, or is not back: retry
                 log.info("journal not reachable yet (%s); next try in %.1f s", exc, backoff)
+                if self.journal is not old:
+                    self.journal.abandon()
+                    self.journal = old
+                    numbered = -1  # a rebuild may have begun: the state must be rebuilt
                 self._broker_reachable(False)
                 stop.wait(backoff)  # backoff between attempts, cut short by SIGTERM
                 backoff = min(backoff * 2, self.MAX_BACKOFF_S)
-        else:
-            return False
-        self.journal = journal
+        return False
+
+    def _resume(self, numbered: int, acked: int) -> None:
+        """Go on from what the reopened log holds (see :meth:`_reconnect`)."""
+        journal = self.journal
         if journal.next_seq <= acked:
             raise JournalLost(f"{journal.topic} on {self.bootstrap} ends at entry "
                               f"{journal.next_seq - 1} but the broker had acknowledged entry "
@@ -487,9 +496,6 @@ class TrainerService:
             log.warning("the log ends at entry %d, this process had numbered up to %d: "
                         "rebuilding from snapshot + log", journal.next_seq - 1, numbered - 1)
             self.recover()
-        self._broker_reachable(True)
-        self.metrics.set_ready(True)
-        return True
 
     def _outside(self) -> None:
         """The one barrier before any effect seen outside this process (snapshot, registry,
