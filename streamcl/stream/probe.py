@@ -294,6 +294,19 @@ class _Probe:
             if not self.tls and self.speaks_tls(host, port):
                 raise _Refused("the port speaks TLS, not plaintext (it closed the connection on "
                                "a plaintext Kafka request)", _TO_TLS) from None
+            if self.tls:
+                # TLS 1.3: the server judges the client certificate after the client's side of
+                # the handshake is done; its alert races the close, so an EOF on the first
+                # request is how a refused (or missing) certificate often shows
+                if not self.config.get("ssl_certfile"):
+                    raise _Refused("the broker closed the TLS connection without a Kafka answer, "
+                                   "as one that requires a client certificate does (mutual "
+                                   f"TLS; {exc})", "set kafka.ssl_certfile and kafka.ssl_keyfile"
+                                   ) from None
+                raise _Refused("the broker closed the TLS connection without a Kafka answer, as "
+                               f"one that refused the client certificate does ({exc})",
+                               "set kafka.ssl_certfile and kafka.ssl_keyfile to a certificate "
+                               "signed by a CA the broker trusts") from None
             raise _Refused(f"the peer closed the connection without a Kafka answer ({exc})",
                            _NOT_LISTENER) from None
         except _Silent:
