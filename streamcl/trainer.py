@@ -151,9 +151,12 @@ class OnlineTrainer:
         self.strategy: Strategy = make_strategy(config.strategy, self.model, self.optimizer,
                                                 strategy_gen, config.params)
         if group is not None and not self.strategy.data_parallel:
+            from streamcl.strategies import STRATEGIES
+
+            able = ", ".join(n for n, cls in STRATEGIES.items() if cls.data_parallel)
             raise ValueError(f"strategy {config.strategy!r} does not run data-parallel yet "
                              "(its state must be global, not only its gradients): use one "
-                             "replica, or naive or er")
+                             f"replica, or one of {able}")
         if group is not None:
             self.strategy.shard(group.rank, group.world_size)
         self.policy = BoundaryPolicy.from_spec(

@@ -71,13 +71,15 @@ def test_two_replicas_of_naive_train_the_single_learners_model(tmp_path: Path,
     assert a["collective_s"] > 0
 
 
-def test_two_replicas_of_er_share_the_memory_and_learn_as_one(tmp_path: Path) -> None:
-    """ER: each replica keeps half the memory and replays half the replay batch from it, so
-    the two hold mem_size together. Their draws differ from one learner's, so the model is not
-    the single learner's; it is one model on both replicas, and it learns as well (prequential
-    accuracy within 5 points of the single learner's; replaying a full batch on each replica
-    instead gave 20% against 37%)."""
-    config = TrainerConfig(input_shape=(64,), hidden=(32,), strategy="er", lr=0.1, seed=1,
+@pytest.mark.parametrize("strategy", ["er", "der", "der++"])
+def test_two_replicas_of_replay_share_the_memory_and_learn_as_one(tmp_path: Path,
+                                                                  strategy: str) -> None:
+    """Replay: each replica keeps half the memory and replays half the replay batch from it,
+    so the two hold mem_size together. Their draws differ from one learner's, so the model is
+    not the single learner's; it is one model on both replicas, and it learns as well
+    (prequential accuracy within 5 points of the single learner's; for ER, replaying a full
+    batch on each replica instead gave 20% against 37%)."""
+    config = TrainerConfig(input_shape=(64,), hidden=(32,), strategy=strategy, lr=0.1, seed=1,
                            boundaries="new-class", params={"mem_size": 101, "batch_size_mem": 32})
     a, b = _replicas(tmp_path, config)
     single = _single(config)

@@ -51,6 +51,16 @@ class Strategy:
         replicas together hold and replay what one learner would. Called once, before any
         batch."""
 
+    def shard_replay(self, rank: int, world_size: int) -> None:
+        """:meth:`shard` for a replay strategy (``memory`` sized by ``mem_size``, a replay
+        batch of ``batch_size_mem``): N replicas hold ``mem_size`` together and replay
+        ``batch_size_mem`` samples per global step, as one learner would (replaying the full
+        batch on every replica outweighs the incoming samples N times over)."""
+        memory = self.memory  # type: ignore[attr-defined]
+        self.batch_size_mem = max(1, share(self.batch_size_mem, rank, world_size))  # type: ignore[attr-defined]
+        self.memory = type(memory)(max(1, share(memory.mem_size, rank, world_size)),
+                                   self.generator)
+
     # -- stream events ----------------------------------------------------------------------
     def on_experience_end(self) -> None:
         """The current experience just ended (called before ``experience`` is incremented)."""

@@ -41,6 +41,10 @@ from streamcl.strategies.buffer import ExperienceMemory
 
 class DER(Strategy):
     name = "der"
+    #: each replica replays (and re-scores) its own shard of the memory; the stored logits are
+    #: the shared model's, so a shard holds what one learner's memory would
+    data_parallel = True
+    shard = Strategy.shard_replay
 
     def __init__(self, model, optimizer, generator, *, mem_size: int = 500,
                  batch_size_mem: int = 32, alpha: float = 0.1, beta: float = 0.0) -> None:

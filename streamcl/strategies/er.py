@@ -21,13 +21,14 @@ from typing import Any
 
 import torch
 
-from streamcl.strategies.base import Strategy, replay_step_loss, share
+from streamcl.strategies.base import Strategy, replay_step_loss
 from streamcl.strategies.buffer import ExperienceMemory
 
 
 class ER(Strategy):
     name = "er"
     data_parallel = True  # each replica replays its own shard of the memory
+    shard = Strategy.shard_replay
 
     def __init__(self, model, optimizer, generator, *, mem_size: int = 500,
                  batch_size_mem: int = 32) -> None:
@@ -42,14 +43,6 @@ class ER(Strategy):
         self.sgd_step(loss)
         self.memory.add(x=x, y=y)
         return out[:n].detach()
-
-    def shard(self, rank: int, world_size: int) -> None:
-        """A replica keeps and replays its share: N replicas hold ``mem_size`` together and
-        replay ``batch_size_mem`` samples per global step, as one learner would (replaying
-        the full batch on every replica outweighs the incoming samples N times over)."""
-        self.batch_size_mem = max(1, share(self.batch_size_mem, rank, world_size))
-        self.memory = ExperienceMemory(max(1, share(self.memory.mem_size, rank, world_size)),
-                                       self.generator)
 
     def on_experience_end(self) -> None:
         self.memory.close_experience(self.experience)
