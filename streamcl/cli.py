@@ -372,7 +372,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"streamcl: embedded broker at {bootstrap} on {redact_url(storage)}",
                   file=sys.stderr, flush=True)
         else:  # one line within a deadline (TLS to a plaintext port, a wrong password, ...)
-            check_connection(bootstrap, client, timeout_s=settings.journal.timeout_s / 2)
+            check_connection(bootstrap, client)
         ensure_topics(bootstrap, [settings.consumer.topic], client_config=client)
         service, server = service_from_settings(settings, bootstrap)
         if server is not None:

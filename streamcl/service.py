@@ -26,6 +26,7 @@ JournalFenced` from the next barrier), which then stops without writing anything
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -47,6 +49,7 @@ from streamcl.registry.holdout import Holdout
 from streamcl.registry.publisher import Publisher
 from streamcl.stream.broker import check_connection
 from streamcl.stream.consumer import BatchConsumer, MicroBatch
+from streamcl.stream.dead_letter import DeadLetterWriter, dead_letter_topic
 from streamcl.stream.entries import (
     Batch,
     Entry,
@@ -66,7 +69,7 @@ from streamcl.stream.journal import (
     journal_topic,
     writer_id,
 )
-from streamcl.stream.messages import Decoder
+from streamcl.stream.messages import Decoder, Rejection
 from streamcl.stream.prefetch import PrefetchingConsumer
 from streamcl.stream.snapshots import SnapshotStore
 from streamcl.threads import configure_threads
@@ -153,7 +156,9 @@ class TrainerService:
         self._down_since: float | None = None  # the broker out of reach since (monotonic)
         self._stop = threading.Event()         # run()'s stop event
         self._outage_counted = 0.0             # when the outage seconds were last counted
-        self._dead_letters: Any = None  # DeadLetterWriter of label-cap refusals (at the first)
+        # label-cap refusals (the writer connects at its first write)
+        self.dead_letters = DeadLetterWriter(bootstrap, dead_letter_topic(topic),
+                                             client_config=client_config)
 
     def _consumer(self, bootstrap: str, group_id: str, prefetch: bool,
                   client_config: dict[str, Any] | None, session_timeout_ms: int
@@ -314,17 +319,7 @@ class TrainerService:
         batch's if it has one (else -1), its source offset -1: not known here."""
         if not step.refused:
             return
-        import json
-        from types import SimpleNamespace
-
-        from streamcl.stream.dead_letter import DeadLetterWriter
-        from streamcl.stream.messages import Rejection
-
-        consumer, cap, ranges = self.consumer, self.config.max_classes, step.batch.ranges
-        if self._dead_letters is None:
-            self._dead_letters = DeadLetterWriter(
-                consumer.bootstrap, getattr(consumer, "dlq_topic", f"{consumer.topic}.dlq"),
-                client_config=consumer.client_config)
+        cap, ranges = self.config.max_classes, step.batch.ranges
         partition = next(iter(ranges)) if len(ranges) == 1 else -1
         letters = []
         for r in step.refused:
@@ -334,10 +329,10 @@ class TrainerService:
             value = json.dumps({"reason": reason, "label": r.label, "id": r.id, "index": r.index,
                                 "ranges": {str(p): list(v) for p, v in ranges.items()},
                                 "x": step.batch.x[r.index].tolist()})
-            letters.append((SimpleNamespace(topic=consumer.topic, partition=partition, offset=-1,
+            letters.append((SimpleNamespace(topic=self.topic, partition=partition, offset=-1,
                                             key=None, value=value.encode(), headers=[]),
                             Rejection(reason)))
-        self._dead_letters.write(letters)
+        self.dead_letters.write(letters)
         self.metrics.rejected("label_cap", len(letters))
         self.rejected += len(letters)
 
@@ -629,9 +624,8 @@ class TrainerService:
         if self.publisher is not None:
             with contextlib.suppress(Exception):
                 self.publisher.close()
-        if self._dead_letters is not None:
-            with contextlib.suppress(Exception):
-                self._dead_letters.close()
+        with contextlib.suppress(Exception):
+            self.dead_letters.close()
         if self._down_since is None:
             self.journal.close()
         else:  # no broker to wait for

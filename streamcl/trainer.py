@@ -229,15 +229,7 @@ class OnlineTrainer:
             self._add_labels(plan.new_labels)
         if self.group is not None:
             return self._learn_replica(x, y, plan, n_known)
-        x = prepare_inputs(x, self.device)
-        yi = self._to_indices(y)
-        if not self.shared_forward:
-            scores = self._predict_scores(x, n_known)
-        logits = self.strategy.observe(x, yi)
-        if self.shared_forward:
-            scores = self.model.rectify(logits[:, :n_known]) if n_known else None
-        pred = (scores.argmax(1) if n_known else
-                torch.full((len(yi),), -1, dtype=torch.long, device=self.device))
+        pred, yi, logits = self._predict_then_train(x, y, n_known)
         hit = pred == yi
         correct = int(hit.sum())
         size = len(yi)
@@ -255,6 +247,23 @@ class OnlineTrainer:
         self.loss_sum += loss * size
         return StepResult(plan, self._to_labels(pred), correct, loss)
 
+    def _predict_then_train(self, x: torch.Tensor, y: torch.Tensor, n_known: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Predict the batch with the model as it is (over the ``n_known`` classes known
+        before it: the prequential record), then let the strategy train on it. Returns the
+        predicted head rows (-1 while no class is known), ``y``'s head rows and the training
+        logits (one forward serves both when train mode predicts as eval mode does)."""
+        x = prepare_inputs(x, self.device)
+        yi = self._to_indices(y)
+        if not self.shared_forward:
+            scores = self._predict_scores(x, n_known)
+        logits = self.strategy.observe(x, yi)
+        if self.shared_forward:
+            scores = self.model.rectify(logits[:, :n_known]) if n_known else None
+        pred = (scores.argmax(1) if n_known else
+                torch.full((len(yi),), -1, dtype=torch.long, device=self.device))
+        return pred, yi, logits
+
     def _learn_replica(self, x: torch.Tensor, y: torch.Tensor, plan: Plan,
                        n_known: int) -> StepResult:
         """:meth:`learn` as one of N replicas: the gradient is averaged over the replicas
@@ -267,15 +276,7 @@ class OnlineTrainer:
         self.strategy.reduce_gradients = lambda: group.average_gradients(
             self.model.parameters(), n)
         if n:
-            x = prepare_inputs(x, self.device)
-            yi = self._to_indices(y)
-            if not self.shared_forward:
-                scores = self._predict_scores(x, n_known)
-            logits = self.strategy.observe(x, yi)
-            if self.shared_forward:
-                scores = self.model.rectify(logits[:, :n_known]) if n_known else None
-            pred = (scores.argmax(1) if n_known else
-                    torch.full((n,), -1, dtype=torch.long, device=self.device))
+            pred, yi, logits = self._predict_then_train(x, y, n_known)
             losses = F.cross_entropy(logits, yi, reduction="none").detach()
             errors = (pred != yi).float()
         else:

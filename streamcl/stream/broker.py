@@ -49,6 +49,11 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from streamcl.stream.probe import BrokerError, BrokerUnreachable, check_connection, speaks_plaintext
 
+#: the longest wait between two attempts to reach a broker, for every client (kafka-python's
+#: default is 30 s, librdkafka's 10 s): after an outage, reading and journaling resume within a
+#: second of the broker's return
+RECONNECT_BACKOFF_MAX_MS = 1000
+
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 

@@ -34,7 +34,8 @@ import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from streamcl.stream.dead_letter import DeadLetterError, DeadLetterWriter
+from streamcl.stream.broker import RECONNECT_BACKOFF_MAX_MS
+from streamcl.stream.dead_letter import DeadLetterError, DeadLetterWriter, dead_letter_topic
 from streamcl.stream.messages import Decoder, Rejection, Sample
 
 if TYPE_CHECKING:
@@ -44,16 +45,15 @@ __all__ = ["FETCH_DEFAULTS", "ArrayBatch", "BatchConsumer", "DeadLetterError", "
            "RangeReader", "assemble", "assemble_arrays"]
 
 #: Fetch settings for throughput: big fetches, many records per poll, a short broker wait so a
-#: partial batch is not held back by the fetch itself. Reconnection backs off to 1 s at most
-#: (kafka-python's default: 30 s), so that after an outage reading resumes within a second of
-#: the broker's return.
+#: partial batch is not held back by the fetch itself. Reconnection backs off to
+#: :data:`~streamcl.stream.broker.RECONNECT_BACKOFF_MAX_MS` at most.
 FETCH_DEFAULTS: dict[str, Any] = {
     "fetch_max_bytes": 64 << 20,
     "max_partition_fetch_bytes": 16 << 20,
     "max_poll_records": 10_000,
     "fetch_max_wait_ms": 100,
     "receive_buffer_bytes": 4 << 20,
-    "reconnect_backoff_max_ms": 1000,
+    "reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS,
 }
 
 
@@ -146,7 +146,7 @@ class BatchConsumer:
         self.topic = topic
         self.group_id = group_id
         self.decoder = decoder
-        self.dlq_topic = dlq_topic or f"{topic}.dlq"
+        self.dlq_topic = dlq_topic or dead_letter_topic(topic)
         self.cut_at_task_change = cut_at_task_change
         self.client_config = dict(client_config or {})
         self._config = {**FETCH_DEFAULTS, "session_timeout_ms": session_timeout_ms,

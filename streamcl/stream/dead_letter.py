@@ -37,6 +37,15 @@ DLQ_HEADERS = frozenset({H_REASON, H_SOURCE_TOPIC, H_SOURCE_PARTITION, H_SOURCE_
 SEND_TIMEOUT_S = 30
 
 
+def dead_letter_topic(topic: str) -> str:
+    """The dead-letter topic of input ``topic``.
+
+    >>> dead_letter_topic("samples")
+    'samples.dlq'
+    """
+    return f"{topic}.dlq"
+
+
 class DeadLetterError(RuntimeError):
     """A rejected message could not be written to the dead-letter topic (nothing committed)."""
 

@@ -63,7 +63,7 @@ from typing import Any, ClassVar, TypeVar
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
-from streamcl.stream.broker import ensure_topics
+from streamcl.stream.broker import RECONNECT_BACKOFF_MAX_MS, ensure_topics
 from streamcl.stream.entries import Entry, EntryError, entry_from_json
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,8 @@ class Journal:
         return _Reader(self)
 
     def _check_partitions(self) -> None:
-        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, reconnect_backoff_max_ms=1000,
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap,
+                                 reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS,
                                  **self.client_config)
         try:
             deadline = time.monotonic() + self.timeout_s
@@ -302,7 +303,7 @@ class _Writer:
                 "acks": "all", "enable.idempotence": True, "linger.ms": 0,
                 "transaction.timeout.ms": 60_000,
                 "message.timeout.ms": max(200, min(60_000, int(timeout_s * 1000))),
-                "reconnect.backoff.max.ms": 1000,  # back within a second of the broker
+                "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
                 "log.connection.close": False, "error_cb": self._error,
                 # librdkafka's own log lines go to Python logging, not straight to stderr, and
                 # only critical ones: a refused connection during an outage is logged at every
@@ -501,7 +502,7 @@ class _Reader:
         self.consumer = KafkaConsumer(
             bootstrap_servers=journal.bootstrap, group_id=None, enable_auto_commit=False,
             auto_offset_reset="none", fetch_max_wait_ms=20, request_timeout_ms=timeout_ms + 5000,
-            reconnect_backoff_max_ms=1000, **journal.client_config)
+            reconnect_backoff_max_ms=RECONNECT_BACKOFF_MAX_MS, **journal.client_config)
         try:
             self.consumer.assign([self.tp])
             self.start = self.consumer.beginning_offsets([self.tp], timeout_ms)[self.tp]
