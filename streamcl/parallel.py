@@ -67,7 +67,10 @@ class ReplicaGroup:
         return cls(dist.get_rank(), dist.get_world_size())
 
     def stop(self) -> None:
+        """Leave the group together: a replica tearing its connections down while a peer is
+        still in a collective makes gloo abort that peer (seen: SIGABRT at exit)."""
         if dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
     # -- work split ---------------------------------------------------------------------------

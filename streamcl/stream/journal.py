@@ -347,7 +347,7 @@ class _Writer:
         except self._kafka.KafkaException as exc:
             self.pending -= 1
             self._refused(exc)
-        self._producer.poll(0)  # serve delivery reports that are in
+        self._poll()  # serve delivery reports that are in
         self._check()
         if time.monotonic() - self._txn_since >= self.commit_every_s:
             self.sync()
@@ -427,8 +427,17 @@ class _Writer:
         self._fail(exc.args[0])
         self._check()
 
+    def _poll(self) -> None:
+        """Serve the callbacks that are due. After a fatal error (being fenced) the binding
+        may raise it from here instead of, or as well as, reporting it: it is then recorded
+        like a report, and :meth:`_check` says what it means."""
+        try:
+            self._producer.poll(0)
+        except self._kafka.KafkaException as exc:
+            self._reports.append((None, exc.args[0], None))
+
     def stalled_s(self) -> float:
-        self._producer.poll(0)
+        self._poll()
         self._read_reports()
         since = [t for t in (self._waiting_since, self._down_since) if t is not None]
         return time.monotonic() - min(since) if since else 0.0
