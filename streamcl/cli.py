@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,6 +19,8 @@ from streamcl import __version__
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
+
+    from streamcl.parallel import ReplicaGroup
 
     Model = TypeVar("Model", bound=BaseModel)
 
@@ -177,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the streaming trainer service")
     run.add_argument("--config", type=Path, help="settings file (YAML); STREAMCL_* env wins")
+    run.add_argument("--replicas", type=int, default=None, metavar="N",
+                     help="train one model with N data-parallel processes on this host "
+                          "(launches the same command under torchrun)")
+    run.add_argument("--max-restarts", type=int, default=3,
+                     help="with --replicas: times torchrun restarts the whole group after a "
+                          "replica fails")
 
     demo = sub.add_parser("demo", help="the whole pipeline on an embedded broker, in minutes",
                           formatter_class=_DefaultsHelp)
@@ -350,6 +360,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from streamcl.stream.broker import EmbeddedBroker, check_connection, ensure_topics
 
     settings = load_settings(args.config)
+    if args.replicas is not None:
+        return _launch_replicas(args)
+    group = _replica_group()
     stop = threading.Event()
     # SIGTERM drains: finish the batch, snapshot, commit, exit 0 (or 1 past the drain timeout)
     install_sigterm(stop, settings.snapshots.drain_timeout_s)
@@ -373,15 +386,55 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr, flush=True)
         else:  # one line within a deadline (TLS to a plaintext port, a wrong password, ...)
             check_connection(bootstrap, client)
-        ensure_topics(bootstrap, [settings.consumer.topic], client_config=client)
-        service, server = service_from_settings(settings, bootstrap)
+        if group is not None:
+            stack.callback(group.stop)
+        if group is None or group.rank == 0:  # a partition per replica at least
+            ensure_topics(bootstrap, [settings.consumer.topic],
+                          partitions=1 if group is None else group.world_size,
+                          client_config=client)
+        service, server = service_from_settings(settings, bootstrap, group)
         if server is not None:
             stack.callback(server.stop)
             print(f"streamcl: metrics at {server.url}/metrics", file=sys.stderr, flush=True)
         summary = service.run(stop)
         summary["state_sha256"] = service.state_sha256()
+        if group is not None:
+            summary["replica"] = {"rank": group.rank, "of": group.world_size,
+                                  "sha256": service.learner.sha256() if service.learner
+                                  else None, "collective_s": group.collective_s}
     print(json.dumps(_json_safe(summary), default=str))
     return 0
+
+
+def _replica_group() -> ReplicaGroup | None:
+    """The replica group torchrun (or an orchestrator) describes in the environment:
+    ``WORLD_SIZE`` > 1 with ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``; else ``None``."""
+    world = os.environ.get("WORLD_SIZE")
+    if world is None or world == "1":
+        return None
+    if not world.isdigit():
+        raise UsageError(f"WORLD_SIZE={world!r} is not a number of replicas: set it to the "
+                         "replicas' count (torchrun sets it)")
+    from streamcl.parallel import ReplicaGroup
+
+    return ReplicaGroup.start()
+
+
+def _launch_replicas(args: argparse.Namespace) -> int:
+    """``streamcl run --replicas N``: the same command under ``torchrun --standalone`` with N
+    processes on this host (torchrun restarts the whole group when one fails, up to
+    ``--max-restarts`` times)."""
+    if args.replicas < 1:
+        raise UsageError(f"--replicas must be >= 1, got {args.replicas}")
+    if "WORLD_SIZE" in os.environ:
+        raise UsageError("--replicas inside a replica group (WORLD_SIZE is set): drop "
+                         "--replicas, or unset WORLD_SIZE")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc-per-node", str(args.replicas), "--max-restarts", str(args.max_restarts),
+           "-m", "streamcl", "run"]
+    if args.config is not None:
+        cmd += ["--config", str(args.config)]
+    return subprocess.call(cmd)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -468,15 +521,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from streamcl.replay import replay
+    from streamcl.replay import replay, replicas_of
     from streamcl.stream.broker import check_connection
 
     check_connection(args.bootstrap, {})  # a wrong address fails in seconds, in one line
-    with tqdm(unit="batches", file=sys.stderr, desc="replay") as bar:
-        sha, batches = replay(args.bootstrap, args.name, args.topic, to_seq=args.to_seq,
-                              snapshot_dir=str(args.snapshot_dir) if args.snapshot_dir else None,
-                              progress=lambda _seq: bar.update(1))
-    print(f"{sha}  ({batches} batches replayed)")
+    group = _replica_group()
+    if group is None:
+        replicas = replicas_of(args.bootstrap, args.name, args.to_seq)
+        if replicas > 1:  # each replica's shard is part of the state: replay with as many
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(replicas), "-m", "streamcl", "replay",
+                   "--bootstrap", args.bootstrap, "--name", args.name, "--topic", args.topic]
+            cmd += [] if args.to_seq is None else ["--to-seq", str(args.to_seq)]
+            cmd += [] if args.snapshot_dir is None else ["--snapshot-dir", str(args.snapshot_dir)]
+            return subprocess.call(cmd)
+    try:
+        with tqdm(unit="batches", file=sys.stderr, desc="replay",
+                  disable=group is not None and group.rank != 0) as bar:
+            sha, batches = replay(args.bootstrap, args.name, args.topic, to_seq=args.to_seq,
+                                  snapshot_dir=str(args.snapshot_dir) if args.snapshot_dir
+                                  else None, progress=lambda _seq: bar.update(1), group=group)
+    finally:
+        if group is not None:
+            group.stop()
+    if group is None or group.rank == 0:
+        suffix = "" if group is None else f", {group.world_size} replicas"
+        print(f"{sha}  ({batches} batches replayed{suffix})", flush=True)
     return 0
 
 
@@ -726,6 +796,17 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, JournalError):  # the journal lost, unreadable, not a journal topic
             print(f"streamcl: error: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        parallel = sys.modules.get("streamcl.parallel")
+        if parallel is not None and isinstance(exc, parallel.ReplicaDivergence):
+            print(f"streamcl: stopped: {exc}", file=sys.stderr)
+            return 1
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and isinstance(exc, dist.DistError):  # a peer died or hung
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"streamcl: stopped: a replica of the group failed ({first}); the whole group "
+                  "must restart (torchrun --max-restarts, or the orchestrator) and recovers "
+                  "from the journal", file=sys.stderr)
+            return 1
         raise
 
 

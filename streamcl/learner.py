@@ -29,8 +29,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from streamcl.parallel import ReplicaGroup
 from streamcl.registry.holdout import Holdout
 from streamcl.state import state_sha256
+from streamcl.strategies.base import share
 from streamcl.stream.consumer import MicroBatch
 from streamcl.stream.entries import Batch, Entry, HoldoutSpec, Start
 from streamcl.stream.journal import Journal, JournalLost
@@ -69,10 +71,21 @@ class Step:
     refused: list[Refused] = field(default_factory=list)  # over max_classes: not learned
     kept: MicroBatch | None = None  # the batch less ``refused`` (None: the whole batch)
 
-    def entry(self) -> Batch:
-        """The journal entry that records this step."""
-        return Batch(ranges=self.batch.ranges, plan=self.plan.to_json() if self.plan else {},
-                     samples=len(self.batch), rejected=self.batch.rejected)
+    def entry(self, group: ReplicaGroup | None = None) -> Batch:
+        """The journal entry that records this step. Data-parallel (``group``; every replica
+        calls it): the global step's, with every replica's ranges (their partitions are
+        disjoint, so one map holds them) and each replica's ``[samples, rejected]``."""
+        plan = self.plan.to_json() if self.plan else {}
+        if group is None:
+            return Batch(ranges=self.batch.ranges, plan=plan, samples=len(self.batch),
+                         rejected=self.batch.rejected)
+        flat = [v for p, (first, last) in sorted(self.batch.ranges.items())
+                for v in (p, first, last)]
+        parts = group.gather_ints([len(self.batch), self.batch.rejected, *flat])
+        ranges = {part[i]: (part[i + 1], part[i + 2])
+                  for part in parts for i in range(2, len(part), 3)}
+        return Batch(ranges=ranges, plan=plan, samples=sum(p[0] for p in parts),
+                     rejected=sum(p[1] for p in parts), replicas=[p[:2] for p in parts])
 
 
 @dataclass
@@ -91,13 +104,20 @@ class Learner:
         self.trainer = trainer
         self.holdout = holdout
 
-    @classmethod
-    def fresh(cls, config: TrainerConfig, holdout: HoldoutSpec | None) -> Learner:
-        return cls(OnlineTrainer(config), _holdout(holdout))
+    @property
+    def group(self) -> ReplicaGroup | None:
+        """The replicas this learner is one of (``None``: it is alone)."""
+        return self.trainer.group
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], holdout: HoldoutSpec | None) -> Learner:
-        learner = cls(OnlineTrainer.from_state(state), _holdout(holdout))
+    def fresh(cls, config: TrainerConfig, holdout: HoldoutSpec | None,
+              group: ReplicaGroup | None = None) -> Learner:
+        return cls(OnlineTrainer(config, group=group), _holdout(holdout, group))
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], holdout: HoldoutSpec | None,
+                   group: ReplicaGroup | None = None) -> Learner:
+        learner = cls(OnlineTrainer.from_state(state, group), _holdout(holdout, group))
         if learner.holdout is not None and "holdout" in state:
             learner.holdout.load_state_dict(state["holdout"])
         return learner
@@ -117,21 +137,26 @@ class Learner:
         no more use to the quality gate than to training, and they do not advance the
         holdout's stream index (like messages the decoder rejected)."""
         kept, refused = batch, []
-        over = self.trainer.over_cap(batch.y) if len(batch) else None
+        # data-parallel, every replica joins the global decisions, with or without samples
+        alone = self.group is None
+        over = self.trainer.over_cap(batch.y) if len(batch) or not alone else None
         if over is not None:
             refused = [Refused(i, int(batch.y[i]), batch.ids[i] if batch.ids else None)
                        for i in over.nonzero().flatten().tolist()]
             kept = _subset(batch, ~over)
         train, mask = _split_holdout(kept, self.holdout)
-        plan = self.trainer.plan(train.y, train.task) if len(train) else None
+        plan = self.trainer.plan(train.y, train.task) if len(train) or not alone else None
         return Step(batch, train, mask, plan, refused, None if kept is batch else kept)
 
     def apply(self, step: Step, entry: Batch) -> Applied:
         """Apply ``step`` as journaled by ``entry`` (the one procedure; see the module)."""
-        if len(step.batch) != entry.samples or step.batch.rejected != entry.rejected:
+        samples, rejected = entry.samples, entry.rejected
+        if self.group is not None and entry.replicas is not None:  # this replica's part
+            samples, rejected = entry.replicas[self.group.rank]
+        if len(step.batch) != samples or step.batch.rejected != rejected:
             raise ReplayMismatch(f"journal entry {entry.seq}: ranges {entry.ranges} give "
                                  f"{len(step.batch)} samples / {step.batch.rejected} rejected, "
-                                 f"the journal says {entry.samples} / {entry.rejected}")
+                                 f"the journal says {samples} / {rejected}")
         planned = step.plan.to_json() if step.plan else {}
         if planned != entry.plan:
             raise ReplayMismatch(f"journal entry {entry.seq}: replay plans {planned}, the "
@@ -165,8 +190,14 @@ class Learner:
         return state_sha256(self.state_dict())
 
 
-def _holdout(spec: HoldoutSpec | None) -> Holdout | None:
-    return None if spec is None else Holdout(spec.fraction, spec.size, spec.seed)
+def _holdout(spec: HoldoutSpec | None, group: ReplicaGroup | None = None) -> Holdout | None:
+    """The holdout of ``spec``; a data-parallel replica holds its share of ``size`` (the
+    gate pools the shards: :class:`~streamcl.registry.holdout.PooledHoldout`)."""
+    if spec is None:
+        return None
+    size = spec.size if group is None else max(1, share(spec.size, group.rank,
+                                                          group.world_size))
+    return Holdout(spec.fraction, size, spec.seed)
 
 
 def _split_holdout(batch: MicroBatch, holdout: Holdout | None
@@ -256,11 +287,42 @@ def newest_snapshot(store: SnapshotStore, config: TrainerConfig, to_seq: int | N
     return info.covers_seq, dict(info.offsets), state
 
 
+def _check_replicas(written_by: int, world: int, what: str) -> None:
+    """A journal is replayed by as many replicas as wrote it: each replica's memory and
+    holdout shard, and which partitions it read, are part of the state."""
+    if written_by != world:
+        raise ValueError(f"{what} written by {written_by} replica(s), this group has {world}: "
+                         f"restart with {written_by} (WORLD_SIZE / --replicas), or start a new "
+                         "history (another journal.name) to change the number of replicas")
+
+
+def agreed_snapshot(store: SnapshotStore, config: TrainerConfig, group: ReplicaGroup,
+                    to_seq: int | None = None
+                    ) -> tuple[int, dict[int, int], dict[str, Any]] | None:
+    """:func:`newest_snapshot` for a group of replicas (every replica calls it): the newest
+    snapshot every replica holds a valid shard of, so that all start from the same journal
+    entry. Shards written for the same entry are one consistent set even if the crash came
+    before replica 0 journaled it: each is the state the log up to that entry makes."""
+    mine = [i.covers_seq for i in store.list() if to_seq is None or i.covers_seq <= to_seq]
+    common = set(mine)
+    for theirs in group.gather_ints(mine):
+        common &= set(theirs)
+    for covers in sorted(common, reverse=True):
+        found = None
+        with contextlib.suppress(SnapshotError):
+            found = newest_snapshot(store, config, covers)
+        ok = found is not None and found[0] == covers
+        if all(flag for flag, in group.exchange([int(ok)])):
+            return found
+    return None
+
+
 def rebuild(journal: Journal, source: RangeSource, config: TrainerConfig,
             holdout: HoldoutSpec | None, snapshots: SnapshotStore | None = None,
             to_seq: int | None = None, *,
             on_start: Callable[[Rebuilt], None] | None = None,
-            on_entry: Callable[[Entry, Learner], None] | None = None) -> Rebuilt:
+            on_entry: Callable[[Entry, Learner], None] | None = None,
+            group: ReplicaGroup | None = None) -> Rebuilt:
     """The learner as of journal entry ``to_seq`` (``None``: the log's end): the newest valid
     snapshot covering at most ``to_seq`` (or a fresh learner), then every ``batch`` entry after
     it, each batch read back from its offset ranges through ``source`` (a range source) and
@@ -268,10 +330,20 @@ def rebuild(journal: Journal, source: RangeSource, config: TrainerConfig,
     (``snapshot_extra``: what its writer kept beside the learner) before any entry;
     ``on_entry(entry, learner)`` sees every entry after the
     snapshot, in order, right after it is applied (a ``publish`` entry thus sees the state it
-    published)."""
-    found = None if snapshots is None else newest_snapshot(snapshots, config, to_seq)
+    published).
+
+    Data-parallel (``group``: every replica calls it at once), each replica starts from its
+    shard of the newest snapshot set all of them hold (:func:`agreed_snapshot`), reads back
+    only its own partitions' ranges of each batch entry, and applies the entry with the
+    others (the plan and the gradient are collective, as they were live)."""
+    if snapshots is None:
+        found = None
+    elif group is not None:
+        found = agreed_snapshot(snapshots, config, group, to_seq)
+    else:
+        found = newest_snapshot(snapshots, config, to_seq)
     if found is None:
-        out = Rebuilt(Learner.fresh(config, holdout), -1, {}, {})
+        out = Rebuilt(Learner.fresh(config, holdout, group), -1, {}, {})
     else:
         covers, offsets, state = found
         if covers >= journal.next_seq:
@@ -281,7 +353,7 @@ def rebuild(journal: Journal, source: RangeSource, config: TrainerConfig,
                               "or start a new history (another learner name, or an empty "
                               "snapshot directory)")
         extra = {k: state.pop(k) for k in SNAPSHOT_EXTRAS if k in state}
-        out = Rebuilt(Learner.from_state(state, holdout), covers, extra, offsets)
+        out = Rebuilt(Learner.from_state(state, holdout, group), covers, extra, offsets)
     if on_start is not None:
         on_start(out)
     if to_seq is not None and to_seq <= out.snapshot_seq:
@@ -289,7 +361,16 @@ def rebuild(journal: Journal, source: RangeSource, config: TrainerConfig,
     out.entries = list(journal.read(from_seq=out.snapshot_seq + 1, to_seq=to_seq))
     # the batches are read ahead (by the consumer process, where there is one) while earlier
     # ones train
-    batches = source.read_many([e.ranges for e in out.entries if isinstance(e, Batch)])
+    rank, world = (0, 1) if group is None else (group.rank, group.world_size)
+    if out.snapshot_seq >= 0:
+        _check_replicas(out.snapshot_extra.get("stream", {}).get("replicas", 1), world,
+                        "its snapshot was")
+    for entry in out.entries:
+        if isinstance(entry, Batch):
+            _check_replicas(len(entry.replicas) if entry.replicas else 1, world,
+                            f"journal entry {entry.seq} was")
+    batches = source.read_many([{p: r for p, r in e.ranges.items() if p % world == rank}
+                                for e in out.entries if isinstance(e, Batch)])
     # each stretch of batches at the thread count it was trained at: the snapshot's, then
     # each start entry's
     with training_threads(out.snapshot_extra.get("stream", {}).get("torch_threads")) as use:
@@ -309,4 +390,4 @@ def rebuild(journal: Journal, source: RangeSource, config: TrainerConfig,
 
 
 __all__ = ["Applied", "Learner", "Rebuilt", "Refused", "ReplayMismatch", "Step",
-           "newest_snapshot", "rebuild", "training_threads"]
+           "agreed_snapshot", "newest_snapshot", "rebuild", "training_threads"]

@@ -62,8 +62,22 @@ class ReplicaGroup:
             raise ValueError(f"data-parallel training needs {', '.join(missing)} in the "
                              "environment (torchrun sets them)")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        if dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        timeout = timedelta(seconds=timeout_s)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun keeps one store across the group's restarts, and the replicas'
+            # addresses from an earlier attempt are still in it: gloo then connects to dead
+            # ports ("Connection refused" at the second restart, seen). Keys per attempt.
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            store = dist.PrefixStore(f"streamcl/attempt-{restart}", dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                is_master=False, timeout=timeout))
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
         return cls(dist.get_rank(), dist.get_world_size())
 
     def stop(self) -> None:
@@ -99,6 +113,8 @@ class ReplicaGroup:
         values = values.reshape(-1)
         if self.world_size == 1:
             return [values]
+        if not max(sizes):
+            return [values[:0] for _ in sizes]
         t0 = time.perf_counter()
         padded = torch.zeros(max(sizes), dtype=values.dtype)
         padded[:len(values)] = values
@@ -106,6 +122,32 @@ class ReplicaGroup:
         dist.all_gather(parts, padded)
         self.collective_s += time.perf_counter() - t0
         return [p[:s] for p, s in zip(parts, sizes, strict=True)]
+
+    def gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every replica's list of integers (any lengths), by rank: two collectives."""
+        sizes = [h[0] for h in self.exchange([len(values)])]
+        return [p.tolist() for p in self.gather(torch.tensor(values, dtype=torch.long), sizes)]
+
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every replica's ``rows`` (same trailing shape and dtype everywhere), concatenated
+        in rank order (the quality gate's holdout, gathered for rank 0 to judge)."""
+        if self.world_size == 1:
+            return rows
+        sizes = [h[0] for h in self.exchange([len(rows)])]
+        width = int(torch.tensor(rows.shape[1:]).prod()) if rows.dim() > 1 else 1
+        parts = self.gather(rows.reshape(-1), [n * width for n in sizes])
+        return torch.cat(parts).reshape(sum(sizes), *rows.shape[1:])
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the replicas (in place, and returned): for strategy state
+        that must be global (an importance, a reference gradient, per-class statistics).
+        Every replica must call it at the same point of the same step."""
+        if self.world_size == 1:
+            return values
+        t0 = time.perf_counter()
+        dist.all_reduce(values)
+        self.collective_s += time.perf_counter() - t0
+        return values
 
     def average_gradients(self, params: Iterable[nn.Parameter], weight: int) -> int:
         """Replace each replica's gradients by the global mean: ``sum(weight_r * grad_r) /
@@ -145,6 +187,16 @@ class ReplicaGroup:
         return digest
 
 
+def group_sha256(digests: list[str]) -> str:
+    """One SHA-256 for a group's state: over the replicas' own state digests in rank order
+    (each replica holds its shard of the memory, the holdout and the generators, so their
+    states differ while their parameters are identical)."""
+    h = hashlib.sha256()
+    for d in digests:
+        h.update(bytes.fromhex(d))
+    return h.hexdigest()
+
+
 def parameters_sha256(model: nn.Module) -> str:
     """SHA-256 over the parameters' names, shapes and bytes (CPU copies, in order)."""
     h = hashlib.sha256()
@@ -155,4 +207,4 @@ def parameters_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-__all__ = ["ReplicaDivergence", "ReplicaGroup", "parameters_sha256"]
+__all__ = ["ReplicaDivergence", "ReplicaGroup", "group_sha256", "parameters_sha256"]

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from streamcl.learner import Learner, rebuild
+from streamcl.parallel import ReplicaGroup, group_sha256
 from streamcl.stream.consumer import RangeReader
 from streamcl.stream.entries import Batch, Entry, Start
 from streamcl.stream.journal import Journal, journal_topic
@@ -33,9 +35,15 @@ def replay_learner(bootstrap: str, name: str, topic: str, to_seq: int | None = N
                    snapshot_dir: str | None = None, config: TrainerConfig | None = None,
                    progress: Callable[[int], Any] | None = None, *,
                    encoding: str | None = None,
-                   client_config: dict[str, Any] | None = None) -> tuple[Learner, int]:
+                   client_config: dict[str, Any] | None = None,
+                   group: ReplicaGroup | None = None) -> tuple[Learner, int]:
     """The learner as of journal entry ``to_seq`` (``None``: the end) and the number of batch
-    entries applied; ``progress(seq)`` is called after each applied batch entry."""
+    entries applied; ``progress(seq)`` is called after each applied batch entry.
+
+    A journal written by N data-parallel replicas is replayed by N (``group``: this process's
+    place among them; each reads its own partitions' ranges and its shards of the snapshots
+    under ``<snapshot_dir>/rank-<r>``), since each replica's memory shard is part of the
+    state."""
     with Journal(bootstrap, journal_topic(name), client_config, create=False) as journal:
         start = first_start(journal, to_seq)
         if config is None:
@@ -51,10 +59,12 @@ def replay_learner(bootstrap: str, name: str, topic: str, to_seq: int | None = N
             if progress is not None and isinstance(entry, Batch):
                 progress(entry.seq)
 
+        if group is not None and snapshot_dir is not None:
+            snapshot_dir = str(Path(snapshot_dir) / f"rank-{group.rank}")
         try:
             rebuilt = rebuild(journal, source, config, start.holdout if start else None,
                               None if snapshot_dir is None else SnapshotStore(snapshot_dir),
-                              to_seq, on_entry=on_entry)
+                              to_seq, on_entry=on_entry, group=group)
         finally:
             source.close()
     return rebuilt.learner, rebuilt.replayed
@@ -63,8 +73,22 @@ def replay_learner(bootstrap: str, name: str, topic: str, to_seq: int | None = N
 def replay(bootstrap: str, name: str, topic: str, to_seq: int | None = None,
            snapshot_dir: str | None = None, config: TrainerConfig | None = None,
            progress: Callable[[int], Any] | None = None, *, encoding: str | None = None,
-           client_config: dict[str, Any] | None = None) -> tuple[str, int]:
+           client_config: dict[str, Any] | None = None,
+           group: ReplicaGroup | None = None) -> tuple[str, int]:
     """``(state SHA-256, batch entries applied)`` of the state rebuilt up to ``to_seq``."""
     learner, batches = replay_learner(bootstrap, name, topic, to_seq, snapshot_dir, config,
-                                      progress, encoding=encoding, client_config=client_config)
-    return learner.sha256(), batches
+                                      progress, encoding=encoding, client_config=client_config,
+                                      group=group)
+    digest = learner.sha256()
+    if group is None:
+        return digest, batches
+    return group_sha256([bytes(d).hex() for d in
+                         group.gather_ints(list(bytes.fromhex(digest)))]), batches
+
+
+def replicas_of(bootstrap: str, name: str, to_seq: int | None = None,
+                client_config: dict[str, Any] | None = None) -> int:
+    """How many data-parallel replicas wrote the journal (its first start entry says)."""
+    with Journal(bootstrap, journal_topic(name), client_config, create=False) as journal:
+        start = first_start(journal, to_seq)
+    return 1 if start is None else start.replicas

@@ -26,6 +26,7 @@ JournalFenced` from the next barrier), which then stops without writing anything
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -45,7 +46,8 @@ import torch
 from streamcl.learner import Applied, Learner, Rebuilt, Step, rebuild
 from streamcl.metrics.prometheus import ServiceMetrics
 from streamcl.models import build_model
-from streamcl.registry.holdout import Holdout
+from streamcl.parallel import ReplicaGroup, group_sha256
+from streamcl.registry.holdout import Holdout, PooledHoldout
 from streamcl.registry.publisher import Publisher
 from streamcl.stream.broker import check_connection
 from streamcl.stream.consumer import BatchConsumer, MicroBatch
@@ -92,6 +94,10 @@ class _StoppedInOutage(Exception):
     """SIGTERM came while a barrier waited for an unreachable broker: stop without it."""
 
 
+class _GroupStops(Exception):
+    """A replica of the group was asked to stop: all stop after the same global step."""
+
+
 @dataclass
 class _Progress:
     """How far a recovery got: where the journal ended when it began, what it re-published,
@@ -112,7 +118,8 @@ class TrainerService:
                  keep_snapshots: int = 3, client_config: dict[str, Any] | None = None,
                  session_timeout_ms: int = 10_000, prefetch: bool = True,
                  holdout: Holdout | None = None, publisher: Publisher | None = None,
-                 metrics: ServiceMetrics | None = None, journal_timeout_s: float = 30.0) -> None:
+                 metrics: ServiceMetrics | None = None, journal_timeout_s: float = 30.0,
+                 group: ReplicaGroup | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if snapshot_every_batches < 1:
@@ -127,11 +134,14 @@ class TrainerService:
                                          seed=holdout.seed))
         self.publisher = publisher
         self.metrics = metrics or ServiceMetrics()
+        #: the data-parallel replicas this service is one of (None: it is alone)
+        self.group = group
+        self.rank = 0 if group is None else group.rank
+        if group is not None and self.rank != 0 and publisher is not None:
+            raise ValueError("only replica 0 publishes: give the other replicas no publisher")
         self.snapshots = SnapshotStore(snapshot_dir, keep=keep_snapshots)
         self.snapshots.check_writable()  # a read-only volume: say so now, not after recovery
-        # opening the journal as its writer fences any older instance of this learner
-        self.journal = Journal(bootstrap, journal_topic(name), client_config,
-                               writer=writer_id(name), timeout_s=journal_timeout_s)
+        self.journal = self._open_journal(journal_timeout_s)
         try:
             self.consumer = self._consumer(bootstrap, group_id, prefetch, client_config,
                                            session_timeout_ms)
@@ -160,13 +170,31 @@ class TrainerService:
         self.dead_letters = DeadLetterWriter(bootstrap, dead_letter_topic(topic),
                                              client_config=client_config)
 
+    def _open_journal(self, timeout_s: float) -> Journal:
+        """The journal: written by this process (opening it as its writer fences any older
+        instance of this learner), or, for replicas other than 0, read only, once replica 0
+        holds the writer (the fence aborts an older writer's open transaction: the log every
+        replica then reads is final)."""
+        topic = journal_topic(self.name)
+        if self.rank == 0:
+            journal = Journal(self.bootstrap, topic, self.client_config,
+                              writer=writer_id(self.name), timeout_s=timeout_s)
+        if self.group is not None:
+            self.group.exchange([0])  # replica 0 holds the writer
+        if self.rank != 0:
+            journal = Journal(self.bootstrap, topic, self.client_config, create=False,
+                              timeout_s=timeout_s)
+        return journal
+
     def _consumer(self, bootstrap: str, group_id: str, prefetch: bool,
                   client_config: dict[str, Any] | None, session_timeout_ms: int
                   ) -> BatchConsumer | PrefetchingConsumer:
         """The live input: in a child process by default (see streamcl.stream.prefetch)."""
         decoder = Decoder(self.config.input_shape, encoding=self.encoding)
         common = {"cut_at_task_change": wants_task_cuts(self.config),
-                  "client_config": client_config, "session_timeout_ms": session_timeout_ms}
+                  "client_config": client_config, "session_timeout_ms": session_timeout_ms,
+                  "replica": None if self.group is None else (self.group.rank,
+                                                              self.group.world_size)}
         if prefetch:
             return PrefetchingConsumer(bootstrap, self.topic, group_id, decoder,
                                        batch_size=self.batch_size, max_wait_s=self.max_wait_s,
@@ -192,9 +220,13 @@ class TrainerService:
         journaled batch; journal a ``start`` entry. Publications in the replayed journal that
         the registry lacks (a crash in between) are published now, from the replayed state."""
         t0 = time.monotonic()
-        self._progress = _Progress(end=self.journal.next_seq)
+        end, group = self.journal.next_seq, self.group
+        if group is not None:  # every replica rebuilds to where replica 0's log ends
+            end = group.exchange([end])[0][0]
+        self._progress = _Progress(end=end)
         rebuilt = rebuild(self.journal, self.consumer, self.config, self.holdout_spec,
-                          self.snapshots, on_start=self._restore, on_entry=self._replayed)
+                          self.snapshots, end - 1 if group is not None else None,
+                          on_start=self._restore, on_entry=self._replayed, group=group)
         self.learner, self.offsets = rebuilt.learner, rebuilt.offsets
         self._snapshot_seq = rebuilt.snapshot_seq
         self.newest_ts_ms = max(self.newest_ts_ms or 0, rebuilt.newest_ts_ms or 0) or None
@@ -202,7 +234,8 @@ class TrainerService:
             self.publisher.load_production()
             self._show_production()
         self._seek_live()
-        self._append_start(rebuilt.snapshot_seq, rebuilt.replayed)
+        if self.rank == 0:
+            self._append_start(rebuilt.snapshot_seq, rebuilt.replayed)
         summary = {"snapshot_seq": None if rebuilt.snapshot_seq < 0 else rebuilt.snapshot_seq,
                    "replayed": rebuilt.replayed, "republished": self._progress.republished,
                    "position": self.trainer.position, "offsets": dict(self.offsets),
@@ -223,7 +256,8 @@ class TrainerService:
                            trainer_config=self.config.to_json(), encoding=self.encoding,
                            topic=self.topic, snapshot_seq=snapshot_seq,
                            replayed=replayed, holdout=self.holdout_spec,
-                           torch_threads=torch.get_num_threads()))
+                           torch_threads=torch.get_num_threads(),
+                           replicas=1 if self.group is None else self.group.world_size))
 
     def _restore(self, rebuilt: Rebuilt) -> None:
         """What the snapshot kept beside the learner: the publisher's state, the newest sample
@@ -261,7 +295,7 @@ class TrainerService:
         return int(self.publisher.republish_if_missing(entry, learner, **fields))
 
     def _seek_live(self) -> None:
-        if self.offsets:
+        if self.offsets or (self.group is not None and self._snapshot_seq >= 0):
             self.consumer.seek(self.offsets)
         else:
             # no snapshot and no journaled batch: the log start, not the group's offsets
@@ -285,6 +319,8 @@ class TrainerService:
         model as the previous batch left it (an experience-end publication is due when the
         new batch's plan opens an experience, before that boundary is applied).
         """
+        if self.group is not None:
+            return self._step_replica()
         learner = self._learner()
         self.last_loop = time.monotonic()
         if not self._journal_keeps_up():
@@ -307,6 +343,58 @@ class TrainerService:
         if self._since_snapshot >= self.snapshot_every_batches or self._snapshot_due():
             self.snapshot()
         return True
+
+    # -- data-parallel replicas ----------------------------------------------------------------
+    def _step_replica(self) -> bool:
+        """:meth:`step_once` as one of N replicas: the same order of effects, each decision
+        taken once for the group.
+
+        Every turn begins with one exchange of flags, so that no replica waits alone in a
+        collective: stop (any replica was asked to: all stop after the same step), hold
+        (replica 0's journal does not keep up: nobody polls or trains), snapshot (replica 0's
+        timer). Then each replica polls its own partitions, and if any brought something the
+        global step runs: the plan (collective), a due publication (judged by replica 0 on
+        the pooled holdout), the entry (every replica's ranges gathered; replica 0 appends
+        it) and the learning step (gradients all-reduced). A replica with nothing brings an
+        empty batch and still takes the step."""
+        group, learner = self.group, self._learner()
+        assert group is not None
+        self.last_loop = time.monotonic()
+        hold = self.rank == 0 and not self._journal_keeps_up()
+        snap = self.rank == 0 and self._snapshot_due()
+        flags = group.exchange([int(self._stop.is_set()), int(hold), int(snap)])
+        if any(f[0] for f in flags):
+            raise _GroupStops
+        hold, snap = bool(flags[0][1]), bool(flags[0][2])
+        if self.rank != 0:  # replica 0's outage is the group's: not ready while it lasts
+            self._broker_reachable(not hold)
+        if hold:
+            return False
+        batch = self.consumer.poll_batch(self.batch_size, self.max_wait_s)
+        batch = batch if batch is not None else self._empty_batch()
+        brought = group.exchange([len(batch) + batch.rejected + len(batch.ranges)])
+        if not any(b[0] for b in brought):  # a quiet stream
+            self._publish_if_due(experience_ended=False)
+            if snap:
+                self.snapshot()
+            return False
+        step = learner.prepare(batch)
+        self._refuse(step)
+        self._publish_if_due(step.plan is not None and step.plan.boundary is not None)
+        entry = step.entry(group)
+        if self.rank == 0:
+            entry = self._append(entry)
+        t0 = time.perf_counter()
+        applied = learner.apply(step, entry)
+        self._account(step, applied, time.perf_counter() - t0)
+        if self._since_snapshot >= self.snapshot_every_batches or snap:
+            self.snapshot()
+        return True
+
+    def _empty_batch(self) -> MicroBatch:
+        """What a replica brings to a global step when its partitions had nothing."""
+        return MicroBatch(torch.zeros((0, *self.config.input_shape)),
+                          torch.zeros(0, dtype=torch.long), None, {}, 0, None)
 
     def _refuse(self, step: Step) -> None:
         """Dead-letter the samples the learner refused (a label past ``max_classes``) and count
@@ -373,7 +461,8 @@ class TrainerService:
             m.boundary(plan.boundary.trigger, plan.boundary.experience)
         m.set_consumer_lag(self.consumer.lag())
         m.set_buffer(*self.trainer.strategy.memory_usage())
-        m.set_journal(0, self.journal.next_seq - 1 - self._snapshot_seq)
+        if self.rank == 0:
+            m.set_journal(0, self.journal.next_seq - 1 - self._snapshot_seq)
 
     def _append(self, entry: E) -> E:
         t0 = time.perf_counter()
@@ -511,11 +600,17 @@ class TrainerService:
     # -- publication --------------------------------------------------------------------------
     def _publish_if_due(self, experience_ended: bool) -> Verdict | None:
         """Judge, journal and (if the gate agrees) publish the current model when due."""
+        learner, pooled = self._learner(), None
+        if self.group is not None:  # replica 0 decides; the gate scores every replica's shard
+            due = self.publisher is not None and self.publisher.due(
+                learner.position, experience_ended) is not None
+            if not self.group.exchange([int(due)])[0][0]:
+                return None
+            pooled = PooledHoldout.gather(learner.holdout, self.group, self.config.input_shape)
         if self.publisher is None:
             return None
-        learner = self._learner()
         t0 = time.perf_counter()
-        verdict = self.publisher.judge(learner, experience_ended, self.newest_ts_ms)
+        verdict = self.publisher.judge(learner, experience_ended, self.newest_ts_ms, pooled)
         if verdict is None:
             return None
         verdict = self._append(verdict)
@@ -551,34 +646,61 @@ class TrainerService:
         rebuilds the same state from. Returns the entry, or ``None`` when the last snapshot
         already covers it all.
         """
-        learner = self._learner()
+        learner, group = self._learner(), self.group
         covers = self.journal.next_seq - 1
+        if group is not None:  # replica 0's log decides, for all
+            covers = group.exchange([covers])[0][0]
         if covers == self._snapshot_seq or covers < 0:
             return None
         offsets = dict(self.offsets)
         t0 = time.perf_counter()
-        self._outside()
+        if self.rank == 0:
+            self._outside()
+        if group is not None:  # one model: checked before any replica keeps its shard
+            group.check_identical(learner.trainer.model)
         state = learner.state_dict()
         # the thread count the batches after this snapshot are trained at (until a new start
         # entry): replay from this snapshot trains them at the same count
         state["stream"] = {"newest_ts_ms": self.newest_ts_ms,
                            "torch_threads": torch.get_num_threads()}
+        if group is not None:
+            state["stream"]["replicas"] = group.world_size
         if self.publisher is not None:
             state["publisher"] = self.publisher.state_dict()
         info = self.snapshots.save(state, covers_seq=covers, offsets=offsets)
+        entry = Snapshot(path=str(info.path), sha256=info.sha256, covers_seq=covers,
+                         offsets=offsets)
+        if group is not None:  # replica 0 journals the set once every replica kept its shard
+            entry = self._snapshot_set(entry)
         # the snapshot's own entry adds nothing to replay: a later snapshot() with no new batch
         # must see "nothing new", not write the same state again
-        entry = self._append(Snapshot(path=str(info.path), sha256=info.sha256,
-                                      covers_seq=covers, offsets=offsets))
+        if self.rank == 0:
+            entry = self._append(entry)
+        if group is not None:
+            entry = dataclasses.replace(entry, seq=group.exchange([entry.seq])[0][0])
         self._snapshot_seq = entry.seq
         self.metrics.snapshot_taken(time.perf_counter() - t0, 0)
         self.metrics.set_journal(0, 0)
         self._since_snapshot = 0
         self._last_snapshot_t = time.monotonic()
-        if offsets:
+        if self.rank == 0:
             self._outside()  # the snapshot entry too: a fenced writer learns it here at last
+        if group is not None:
+            group.exchange([0])  # every replica commits once the set's entry is in the log
+        if offsets:
             self.consumer.commit(offsets)
         return entry
+
+    def _snapshot_set(self, mine: Snapshot) -> Snapshot:
+        """Replica 0's snapshot entry for the set (every replica calls it once its shard is
+        saved): every replica's offsets (their partitions are disjoint) and shard SHA-256."""
+        assert self.group is not None
+        flat = [v for p, o in sorted(mine.offsets.items()) for v in (p, o)]
+        offsets = {part[i]: part[i + 1] for part in self.group.gather_ints(flat)
+                   for i in range(0, len(part), 2)}
+        digests = self.group.gather_ints(list(bytes.fromhex(mine.sha256)))
+        return dataclasses.replace(mine, offsets=offsets,
+                                   shards=[bytes(d).hex() for d in digests])
 
     # -- running ------------------------------------------------------------------------------
     def run(self, stop: threading.Event,
@@ -588,15 +710,22 @@ class TrainerService:
         self._stop = stop
         try:
             summary = self.recover()
-            while not stop.is_set() and not (until is not None and until(self)):
+            while True:
+                done = until is not None and until(self)
+                if self.group is None and (stop.is_set() or done):
+                    break
+                if done:  # a replica that is done asks the group to stop (see _step_replica)
+                    stop.set()
                 try:
                     self.step_once()
                 except (JournalFenced, JournalLost):
                     raise
                 except JournalError as exc:
+                    if self.group is not None:  # the group restarts and recovers from the log
+                        raise
                     if not self._reconnect(stop, exc):
                         break
-                except _StoppedInOutage:
+                except (_StoppedInOutage, _GroupStops):
                     break
             if self._down_since is None:
                 self.snapshot()
@@ -616,7 +745,13 @@ class TrainerService:
         return not self.ready or time.monotonic() - self.last_loop < stuck_after_s
 
     def state_sha256(self) -> str:
-        return self._learner().sha256()
+        """The learner's state SHA-256; a group's (every replica calls it): over every
+        replica's, in rank order (:func:`~streamcl.parallel.group_sha256`)."""
+        digest = self._learner().sha256()
+        if self.group is None:
+            return digest
+        return group_sha256([bytes(d).hex() for d in
+                             self.group.gather_ints(list(bytes.fromhex(digest)))])
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -632,10 +767,13 @@ class TrainerService:
             self.journal.abandon()
 
 
-def service_from_settings(settings: Settings, bootstrap: str
+def service_from_settings(settings: Settings, bootstrap: str, group: ReplicaGroup | None = None
                           ) -> tuple[TrainerService, MetricsServer | None]:
     """The service ``streamcl run`` runs: trainer, holdout, registry publisher, metrics, and
     the HTTP endpoint (started, so probes answer during recovery; ``None`` when port is 0).
+    One of a ``group`` of replicas: its snapshot shards go to ``<snapshots.dir>/rank-<r>``
+    (each replica may have its own volume), replica 0 alone publishes, and the HTTP port is
+    ``metrics.port + LOCAL_RANK`` (torchrun's replicas on one host, one port each).
     Each section of the settings goes whole to the part it configures; until TrainerService
     takes sections, its keywords are filled here, section by section."""
     from streamcl.metrics.server import MetricsServer
@@ -653,8 +791,8 @@ def service_from_settings(settings: Settings, bootstrap: str
     metrics = ServiceMetrics(window=served.window, gate_reasons=("worse",))
     holdout = (Holdout(publication.holdout_fraction, publication.holdout_size, learner.seed)
                if publication.holdout_fraction > 0 else None)
-    publisher = None
-    if publication.enabled:
+    publisher, rank = None, 0 if group is None else group.rank
+    if publication.enabled and rank == 0:
         policy = PublishPolicy(every_samples=publication.every_samples,
                                every_s=publication.every_s,
                                at_experience_end=publication.at_experience_end,
@@ -671,18 +809,21 @@ def service_from_settings(settings: Settings, bootstrap: str
         batch_size=consumer.batch_size, max_wait_s=consumer.max_wait_s,
         prefetch=consumer.prefetch,
         # snapshots
-        snapshot_dir=str(snapshots.dir), snapshot_every_batches=snapshots.every_batches,
+        snapshot_dir=str(snapshots.dir if group is None else snapshots.dir / f"rank-{rank}"),
+        snapshot_every_batches=snapshots.every_batches,
         snapshot_every_s=snapshots.every_s, keep_snapshots=snapshots.keep,
         # publication and metrics
-        holdout=holdout, publisher=publisher, metrics=metrics)
-    server = None
-    if served.port:
+        holdout=holdout, publisher=publisher, metrics=metrics, group=group)
+    server, port = None, served.port
+    if port and group is not None:
+        port += int(os.environ.get("LOCAL_RANK", "0"))
+    if port:
         try:
-            server = MetricsServer(metrics, served.host, served.port,
+            server = MetricsServer(metrics, served.host, port,
                                    live=service.alive, ready=service.is_ready).start()
         except OSError as exc:
             service.close()
-            raise ValueError(f"metrics.port {served.port} on {served.host}: cannot listen "
+            raise ValueError(f"metrics.port {port} on {served.host}: cannot listen "
                              f"({exc.strerror or exc}); choose another metrics.port (0: no "
                              "HTTP endpoint) or stop what holds it") from None
     return service, server

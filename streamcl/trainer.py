@@ -158,6 +158,7 @@ class OnlineTrainer:
                              "(its state must be global, not only its gradients): use one "
                              f"replica, or one of {able}")
         if group is not None:
+            self.strategy.group = group
             self.strategy.shard(group.rank, group.world_size)
         self.policy = BoundaryPolicy.from_spec(
             config.boundaries, detector=config.detector, detector_params=config.detector_params,
@@ -173,11 +174,12 @@ class OnlineTrainer:
         self.loss_sum = 0.0
 
     # -- the step ---------------------------------------------------------------------------
-    def plan(self, y: torch.Tensor, task: torch.Tensor | int | None = None) -> Plan:
+    def plan(self, y: torch.Tensor, task: torch.Tensor | int | None = None) -> Plan | None:
         """Decide the step for a batch with labels ``y`` (and the producer's task value).
 
         Data-parallel, ``y`` is this replica's part and the plan is the global step's: every
-        replica's labels in rank order (a replica may bring none), the first task value."""
+        replica's labels in rank order (a replica may bring none), the first task value; every
+        replica must call it, and ``None`` means no replica brought a sample (no step)."""
         if self.group is not None:
             if isinstance(task, torch.Tensor):
                 task = int(task.reshape(-1)[0]) if task.numel() else None
@@ -185,6 +187,8 @@ class OnlineTrainer:
             self._replica_sizes = [n for n, _ in headers]
             task = next((t for _, t in headers if t >= 0), None)
             y = torch.cat(self.group.gather(y.long(), self._replica_sizes))
+            if not len(y):
+                return None
         y_list = y.tolist()
         if not y_list:
             raise ValueError("an empty batch has nothing to learn; skip it instead of planning it")
@@ -206,12 +210,20 @@ class OnlineTrainer:
         the answer depends on the labels seen so far and on ``y`` alone: a replay of the same
         journal from the same state refuses the same samples."""
         room = self.config.max_classes - len(self.labels)
-        y_list = y.tolist()
-        new = [v for v in dict.fromkeys(y_list) if v not in self.index]
+        mine = y.tolist()
+        new = [v for v in dict.fromkeys(mine) if v not in self.index]
+        y_list = mine
+        if self.group is not None:  # the global batch's labels decide: every replica calls
+            counts = self.group.exchange([len(new), len(mine)])
+            if sum(c[0] for c in counts) <= room:
+                return None
+            sizes = [c[1] for c in counts]
+            y_list = torch.cat(self.group.gather(y.long(), sizes)).tolist()
+            new = [v for v in dict.fromkeys(y_list) if v not in self.index]
         if len(new) <= room:
             return None
         refused = set(new[room:])
-        return torch.tensor([v in refused for v in y_list], dtype=torch.bool)
+        return torch.tensor([v in refused for v in mine], dtype=torch.bool)
 
     def end_experience(self, boundary: Boundary) -> None:
         """Close the current experience; the next batch belongs to ``boundary.experience``."""
@@ -280,9 +292,7 @@ class OnlineTrainer:
             losses = F.cross_entropy(logits, yi, reduction="none").detach()
             errors = (pred != yi).float()
         else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.strategy.reduce_gradients()
-            self.optimizer.step()
+            self.strategy.observe_empty()
             pred = torch.zeros(0, dtype=torch.long)
             losses = errors = torch.zeros(0)
         # every replica's errors and losses, in rank order: the counts and the detector's input
@@ -304,6 +314,8 @@ class OnlineTrainer:
     def step(self, x: torch.Tensor, y: torch.Tensor,
              task: torch.Tensor | int | None = None) -> StepResult:
         plan = self.plan(y, task)
+        if plan is None:
+            raise ValueError("no replica brought a sample to this step: nothing to learn")
         if plan.boundary is not None:
             self.end_experience(plan.boundary)
         return self.learn(x, y, plan)
@@ -407,8 +419,9 @@ class OnlineTrainer:
         self.boundaries = [Boundary(**b) for b in state["boundaries"]]
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> OnlineTrainer:
-        trainer = cls(TrainerConfig.from_json(state["config"]))
+    def from_state(cls, state: dict[str, Any], group: ReplicaGroup | None = None
+                   ) -> OnlineTrainer:
+        trainer = cls(TrainerConfig.from_json(state["config"]), group=group)
         trainer.load_state_dict(state)
         return trainer
 

@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from streamcl.state import set_rng_state
 from streamcl.strategies.buffer import BalancedBuffer
+
+if TYPE_CHECKING:
+    from streamcl.parallel import ReplicaGroup
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -108,6 +111,40 @@ class Holdout:
         self.seen = state["seen"]
         set_rng_state(self.generator, state["generator"])
         self.buffer.load_state_dict(state["buffer"])
+
+
+class PooledHoldout:
+    """Every replica's holdout shard, pooled in rank order: what the quality gate of a
+    data-parallel learner scores candidate and production on (replica 0 judges; each replica
+    held out from its own samples). Inputs are pooled as the float32 the model sees."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, exp: torch.Tensor) -> None:
+        self.x, self.y, self.exp = x, y, exp
+
+    @classmethod
+    def gather(cls, holdout: Holdout | None, group: ReplicaGroup,
+               input_shape: tuple[int, ...]) -> PooledHoldout:
+        """Pool every replica's ``holdout`` (every replica calls it at once)."""
+        from streamcl.trainer import prepare_inputs
+
+        if holdout is not None and len(holdout):
+            data = holdout.buffer.all()
+            x, y, exp = prepare_inputs(data["x"], torch.device("cpu")), data["y"], data["exp"]
+        else:
+            x = torch.zeros((0, *input_shape))
+            y = exp = torch.zeros(0, dtype=torch.long)
+        return cls(group.gather_rows(x), group.gather_rows(y.long()),
+                   group.gather_rows(exp.long()))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def evaluate(self, predict: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`Holdout.evaluate`, over the pooled samples."""
+        if not len(self.y):
+            return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.long)
+        return predict(self.x) == self.y, self.exp
 
 
 def accuracy(correct: torch.Tensor) -> float:

@@ -30,6 +30,7 @@ from streamcl.metrics.continual import AccuracyMatrix
 from streamcl.registry.announce import Announcer, announcement
 from streamcl.registry.holdout import (
     Holdout,
+    PooledHoldout,
     accuracy,
     accuracy_by_experience,
     gate_decision,
@@ -117,14 +118,15 @@ class Publisher:
                            self.registry.load_model(self.production_version))
 
     def judge(self, learner: Learner, experience_ended: bool,
-              newest_sample_ts_ms: int | None = None) -> Publish | Reject | None:
+              newest_sample_ts_ms: int | None = None, holdout: PooledHoldout | None = None
+              ) -> Publish | Reject | None:
         """The verdict on the learner's model if a trigger is due (``None`` if not), as the
         journal entry that records it. A ``Publish`` is then :meth:`commit`-ted by the caller
         once the entry is acknowledged; the triggers restart either way."""
         trigger = self.due(learner.position, experience_ended)
         if trigger is None:
             return None
-        candidate = self.evaluate(learner, finished=experience_ended)
+        candidate = self.evaluate(learner, finished=experience_ended, holdout=holdout)
         common: dict[str, Any] = {"position": learner.position, "trigger": trigger,
                                   "metrics": candidate.metrics, "gate": candidate.gate,
                                   "newest_sample_ts_ms": newest_sample_ts_ms}
@@ -135,15 +137,18 @@ class Publisher:
         self._candidate = (version, candidate)
         return Publish(version=version, **common)
 
-    def evaluate(self, learner: Learner, *, finished: bool) -> Candidate:
-        """Export the learner's model and judge it on its holdout against production.
+    def evaluate(self, learner: Learner, *, finished: bool,
+                 holdout: PooledHoldout | None = None) -> Candidate:
+        """Export the learner's model and judge it on its holdout against production
+        (``holdout``: every replica's, pooled, for a data-parallel learner).
 
         The accuracy row is for the experience the model last trained on; ``finished`` when
         that experience just ended (its row is then final and kept for the matrix).
         """
         tensors, section = export_model(learner.trainer)
         model = InferenceModel(tensors, {"model": section})
-        holdout = learner.holdout or Holdout(0, 1)
+        if holdout is None:
+            holdout = learner.holdout or Holdout(0, 1)
         correct, exp = holdout.evaluate(model.predict)
         cand_acc = accuracy(correct)
         prod_acc, flips = None, math.nan

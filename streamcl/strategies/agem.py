@@ -22,6 +22,21 @@ of what the new class would learn (split Fashion-MNIST cut to 1,600 samples per 
 head, trained with it on the reference and the incoming batches as a class that never occurs
 (plain SGD at the optimizer's learning rate), and every new label's row starts as a copy of
 it. That is the row a fixed head would have had; no label set is needed in advance.
+
+**Data-parallel** (N replicas, :mod:`streamcl.parallel`). Each replica keeps its share of the
+memory and of every experience's patterns, over its own samples, and draws its share of the
+``sample_size`` reference samples from its shard: together they hold and draw as many rows as
+one learner would, though not the same ones (each reservoir and each draw is its replica's
+own). The projection needs two
+global gradients before it, so A-GEM averages them itself in one all-reduce of
+``[n g, m g_ref, n, m]`` (``n``: the replica's batch, ``m``: its reference rows): ``g`` is then
+the gradient of the mean loss over the step's whole batch, ``g_ref`` that over all the
+reference rows, spare row included (it is no model parameter, so the trainer's average would
+miss it). Projecting the global ``g`` on the global ``g_ref`` is one learner's step, taken
+bit for bit alike by every replica. (Projecting each replica's gradient on its own reference
+before averaging would be another method: an average of projections is no projection, and
+need not keep ``g . g_ref >= 0``.) A replica with no sample in the step still draws its
+reference rows, as one learner draws them whatever the batch.
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from streamcl.strategies.base import Strategy, flat_grad, set_flat_grad
+from streamcl.strategies.base import Strategy, flat_grad, set_flat_grad, share
 from streamcl.strategies.buffer import BalancedBuffer, ReservoirBuffer
 
 
@@ -52,6 +67,7 @@ def project(g: torch.Tensor, g_ref: torch.Tensor) -> torch.Tensor:
 
 class AGEM(Strategy):
     name = "agem"
+    data_parallel = True  # memory sharded, both gradients reduced before the projection
 
     def __init__(self, model, optimizer, generator, *, patterns_per_experience: int = 100,
                  sample_size: int = 64, mem_size: int = 1000) -> None:
@@ -64,6 +80,17 @@ class AGEM(Strategy):
         self.spare_weight = (torch.rand(model.feature_dim, generator=generator) * 2 - 1) * bound
         self.spare_bias = (torch.rand((), generator=generator) * 2 - 1) * bound
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """Replica ``rank`` keeps its share of ``mem_size`` and of each experience's
+        ``patterns_per_experience`` (over its own samples) and draws its share of
+        ``sample_size``: the replicas hold and draw together what one learner would."""
+        self.patterns_per_experience = max(1, share(self.patterns_per_experience, rank,
+                                                    world_size))
+        self.sample_size = max(1, share(self.sample_size, rank, world_size))
+        self.current = ReservoirBuffer(self.patterns_per_experience, self.generator)
+        self.memory = BalancedBuffer(max(1, share(self.memory.capacity, rank, world_size)),
+                                     self.generator)
+
     def logits_with_spare(self, x: torch.Tensor) -> torch.Tensor:
         """The head's logits and, as a last column, the spare row's."""
         h = self.model.features(x)
@@ -71,21 +98,39 @@ class AGEM(Strategy):
         return torch.cat([self.model.head(h), spare.unsqueeze(1)], dim=1)
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = self._step(x, y)
+        self.current.add(x=x, y=y)
+        return logits[:, :-1].detach()
+
+    def observe_empty(self) -> None:
+        """The step without a batch of this replica's own: its reference rows and the same
+        all-reduce, its batch gradient counting as zeros."""
+        self._step(None, None)
+
+    def _step(self, x: torch.Tensor | None, y: torch.Tensor | None) -> torch.Tensor:
+        """One A-GEM update on ``(x, y)`` (``None``: no sample here); the batch's logits."""
         self.spare_weight.requires_grad_(True)
         self.spare_bias.requires_grad_(True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         params += [self.spare_weight, self.spare_bias]
-        g_ref = None
+        g_ref, m = None, 0
         if len(self.memory):
             mem = self.memory.sample(self.sample_size)
             _zero_grad(params)
             F.cross_entropy(self.logits_with_spare(mem["x"]), mem["y"]).backward()
-            g_ref = flat_grad(params)
+            g_ref, m = flat_grad(params), len(mem["y"])
         _zero_grad(params)
-        logits = self.logits_with_spare(x)
-        F.cross_entropy(logits, y).backward()
+        logits, n = torch.zeros(0), 0
+        if x is not None:
+            logits, n = self.logits_with_spare(x), len(x)
+            F.cross_entropy(logits, y).backward()
+        g = None  # the gradient to apply, where it is not the one backward left
+        if self.group is not None:
+            g, g_ref = self._global_gradients(flat_grad(params), n, g_ref, m)
         if g_ref is not None:
-            set_flat_grad(params, project(flat_grad(params), g_ref))
+            g = project(flat_grad(params) if g is None else g, g_ref)
+        if g is not None:
+            set_flat_grad(params, g)
         self.optimizer.step()
         with torch.no_grad():
             lr = self.optimizer.param_groups[0]["lr"]
@@ -93,8 +138,21 @@ class AGEM(Strategy):
             self.spare_bias -= lr * self.spare_bias.grad
         self.spare_weight = self.spare_weight.detach()
         self.spare_bias = self.spare_bias.detach()
-        self.current.add(x=x, y=y)
-        return logits[:, :-1].detach()
+        return logits
+
+    def _global_gradients(self, g: torch.Tensor, n: int, g_ref: torch.Tensor | None,
+                          m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Data-parallel: the step's gradient and reference gradient over every replica, from
+        this one's (``g`` of the mean loss on its ``n`` samples, ``g_ref`` on its ``m``
+        reference rows). Each is weighted by its count, as the trainer weights the gradient:
+        the results are the gradients of the mean losses over all samples and over all
+        reference rows, the same bits on every replica. ``g_ref`` is ``None`` while no
+        replica has a memory (no projection, on every replica alike)."""
+        ref = g_ref if g_ref is not None else torch.zeros_like(g)
+        flat = self.reduce_sum(torch.cat([g * n, ref * m, g.new_tensor([float(n), float(m)])]))
+        k = len(g)
+        n_all, m_all = float(flat[-2]), float(flat[-1])
+        return flat[:k] / max(n_all, 1.0), (flat[k:2 * k] / m_all if m_all else None)
 
     def on_head_grown(self, n_old: int, n_new: int) -> None:
         with torch.no_grad():

@@ -12,7 +12,7 @@ training forward doubles as the test-then-train prediction at no extra cost.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from torch import nn
 from streamcl.models import Classifier
 from streamcl.state import set_rng_state
 
+if TYPE_CHECKING:
+    from streamcl.parallel import ReplicaGroup
+
 
 class Strategy:
     """Base class: holds the model, the optimizer and the strategy's own random generator."""
@@ -28,10 +31,15 @@ class Strategy:
     name: ClassVar[str] = "base"
     #: whether N replicas running this strategy, their gradients averaged at each optimizer
     #: step (:mod:`streamcl.parallel`), act as one learner: true when every update goes
-    #: through :meth:`sgd_step` once per batch and no other state must be global
+    #: through :meth:`sgd_step` once per batch and no other state must be global, or when the
+    #: strategy makes the rest global itself (:meth:`reduce_sum`, with :meth:`observe_empty`
+    #: joining the same collectives)
     data_parallel: ClassVar[bool] = False
     #: set by a data-parallel trainer: averages the gradients over the replicas
     reduce_gradients: Callable[[], object] | None = None
+    #: set by a data-parallel trainer before :meth:`shard`: the replicas, for state that must
+    #: be global (``group.all_reduce_sum``); ``None`` when the learner is one process
+    group: ReplicaGroup | None = None
 
     def __init__(self, model: Classifier, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator) -> None:
@@ -44,6 +52,16 @@ class Strategy:
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Train on one batch (``y`` are head indices); return its pre-update logits, detached."""
         raise NotImplementedError
+
+    def observe_empty(self) -> None:
+        """Data-parallel: this replica brought no sample to the global step, but the others
+        did; take the step anyway, joining every collective :meth:`observe` makes (here the
+        gradient average, this replica's gradient counting as zeros), so all replicas stay
+        one model."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.reduce_gradients is not None:
+            self.reduce_gradients()
+        self.optimizer.step()
 
     def shard(self, rank: int, world_size: int) -> None:
         """Become replica ``rank`` of ``world_size`` (data-parallel): take this replica's share
@@ -58,8 +76,15 @@ class Strategy:
         batch on every replica outweighs the incoming samples N times over)."""
         memory = self.memory  # type: ignore[attr-defined]
         self.batch_size_mem = max(1, share(self.batch_size_mem, rank, world_size))  # type: ignore[attr-defined]
-        self.memory = type(memory)(max(1, share(memory.mem_size, rank, world_size)),
+        self.memory = type(memory)(max(1, share(memory.capacity, rank, world_size)),
                                    self.generator)
+
+    def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` summed over the replicas (in place; alone: as they are). For strategy
+        state measured on each replica's data that one learner would measure on all of it:
+        every replica must call it at the same point of the same step (so an
+        :meth:`observe` that calls it needs an :meth:`observe_empty` that does too)."""
+        return values if self.group is None else self.group.all_reduce_sum(values)
 
     # -- stream events ----------------------------------------------------------------------
     def on_experience_end(self) -> None:

@@ -198,6 +198,11 @@ class ExperienceMemory:
         """Rows that :meth:`sample` draws from."""
         return len(self.past) or len(self.current)
 
+    @property
+    def capacity(self) -> int:
+        """What the past holds at most (``mem_size``), as a buffer's ``capacity``."""
+        return self.mem_size
+
     def usage(self) -> tuple[int, int]:
         """Rows held (past and open experience) and the past's capacity."""
         return len(self.past) + len(self.current), self.mem_size

@@ -24,6 +24,18 @@ and the asymmetric loss needs that place to hold every class: with many classes 
 appear in one experience only, or labels arriving in runs, a reservoir leaves the oldest
 classes a few rows each. Measured (3 seeds, memory 500): 26 classes in 13 experiences 14.2% ->
 25.8%; short experiences of Fashion-MNIST with labels in runs 55.0% -> 61.1%.
+
+**Data-parallel** (N replicas, :mod:`streamcl.parallel`). Each replica keeps its share of the
+class-balanced memory, over its own samples, and replays its share of the replay batch, as ER
+does. The mask is the one thing that must be global: "the classes present in the incoming
+batch" means the step's whole batch, and a replica's part may lack some of them (labels in
+runs split across replicas would leave a part with one class, whose masked loss learns
+nothing). So each step sums a per-class presence vector over the replicas (one all-reduce,
+joined with zeros by a replica without samples) and every replica masks with the union. The
+loss is then one learner's on the step's rows, up to how rows are weighted: each replica's
+loss is its per-row mean and the trainer weights it by its incoming samples, which makes the
+per-row mean over all rows when every replica replays in proportion to its batch (even
+parts); ER's loss is weighted the same way.
 """
 
 from __future__ import annotations
@@ -37,19 +49,20 @@ from streamcl.strategies.base import Strategy
 from streamcl.strategies.buffer import BalancedBuffer
 
 
-def present_class_logits(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``logits`` with the columns of classes absent from ``y`` masked to ``-inf``.
+def present_class_logits(logits: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the columns of the classes not ``present`` (a mask) set to ``-inf``.
 
-    >>> present_class_logits(torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([2])).tolist()
+    >>> present_class_logits(torch.tensor([[1.0, 2.0, 3.0]]),
+    ...                      torch.tensor([False, False, True])).tolist()
     [[-inf, -inf, 3.0]]
     """
-    present = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-    present[y] = True
-    return logits.masked_fill(~present, float("-inf"))
+    return logits.masked_fill(~present.to(logits.device), float("-inf"))
 
 
 class ERACE(Strategy):
     name = "er-ace"
+    data_parallel = True  # memory sharded; the present-class mask is the global batch's
+    shard = Strategy.shard_replay
 
     def __init__(self, model, optimizer, generator, *, mem_size: int = 500,
                  batch_size_mem: int = 32) -> None:
@@ -59,14 +72,29 @@ class ERACE(Strategy):
 
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         n = len(x)
+        present = self.present_classes(y)
         mem = self.memory.sample(self.batch_size_mem) if len(self.memory) else None
         out = self.model(x if mem is None else torch.cat([x, mem["x"]]))
-        loss = F.cross_entropy(present_class_logits(out[:n], y), y, reduction="sum")
+        loss = F.cross_entropy(present_class_logits(out[:n], present), y, reduction="sum")
         if mem is not None:
             loss = loss + F.cross_entropy(out[n:], mem["y"], reduction="sum")
         self.sgd_step(loss / len(out))
         self.memory.add(y, x=x, y=y)
         return out[:n].detach()
+
+    def observe_empty(self) -> None:
+        """The mask's all-reduce (nothing present here), then the step: the collectives of
+        :meth:`observe`, in its order."""
+        self.present_classes(None)
+        super().observe_empty()
+
+    def present_classes(self, y: torch.Tensor | None) -> torch.Tensor:
+        """Which head rows the step's incoming batch holds: ``y``'s classes, or data-parallel
+        those of every replica's part (``None``: this replica has none)."""
+        present = torch.zeros(self.model.n_classes, dtype=torch.long)
+        if y is not None:
+            present[y.cpu()] = 1
+        return self.reduce_sum(present) > 0
 
     def extra_state(self) -> dict[str, Any]:
         return {"memory": self.memory.state_dict()}

@@ -29,6 +29,29 @@ Stream-specific choices, fixing the reference implementation:
   samples (Fashion-MNIST, 5 x 1,600 samples with labels in runs, ADWIN boundaries: 58.1% ->
   60.4%, 3 seeds).
 * Statistics are measured on the balanced memory (the samples a live stream still has).
+
+**Data-parallel** (N replicas, :mod:`streamcl.parallel`). Each replica keeps its share of the
+class-balanced memory, over its own samples, and replays its share of the replay batch. The
+statistics must be global, and so must the counts that decide which classes they are taken
+for:
+
+* the per-class counts of every step are summed over the replicas (one all-reduce of a vector
+  as long as the head, in :meth:`IL2M.count`, which a replica without samples joins with
+  zeros), so every replica holds the counts, first steps and step number one learner would
+  hold, and registers each class to the experience one learner registers it to;
+* at an experience's end (met by every replica at the same step) each replica measures, on
+  its shard, per class the sum of the class's scores and the number of rows, and the sum of
+  the top scores over the new classes' rows; one all-reduce of those gives the means over the
+  union of the shards: one learner's statistics, measured on the replicas' memories together
+  (not on one learner's rows: each shard is balanced over its own replica's samples). Every
+  replica then registers the same bits.
+
+A publication's provisional statistics (:meth:`IL2M.prepare_inference`) are made by one
+replica alone, between steps, so they can make no collective call: the counts are global
+already, but the scores can only be measured on that replica's shard, an estimate of the
+global means from about 1/N of the rows (a class with no row in that shard goes without
+provisional statistics). They are replaced by global ones when the experience ends; a
+publication's rectifier changes only the published copy (see :mod:`streamcl.registry.model`).
 """
 
 from __future__ import annotations
@@ -99,6 +122,8 @@ class IL2MRectifier(nn.Module):
 
 class IL2M(Strategy):
     name = "il2m"
+    data_parallel = True  # memory sharded; counts and statistics reduced over the replicas
+    shard = Strategy.shard_replay
 
     def __init__(self, model, optimizer, generator, *, mem_size: int = 2000,
                  batch_size_mem: int = 32) -> None:
@@ -125,12 +150,23 @@ class IL2M(Strategy):
         self.count(y)
         return out[:n].detach()
 
-    def count(self, y: torch.Tensor) -> None:
-        """Count the batch's samples per class (the registration rule needs them)."""
+    def observe_empty(self) -> None:
+        """The step's update (zero gradient here), then the count's all-reduce with nothing
+        counted here: the same collectives, in the same order, as :meth:`observe`."""
+        super().observe_empty()
+        self.count(None)
+
+    def count(self, y: torch.Tensor | None) -> None:
+        """Count the step's samples per class (the registration rule needs them); data-parallel,
+        those of every replica's batch (``None``: this replica has none)."""
+        counts = torch.zeros(self.model.n_classes, dtype=torch.long)
+        if y is not None:
+            counts += torch.bincount(y.cpu(), minlength=len(counts))
+        self.reduce_sum(counts)
         self.steps += 1
-        for c, k in zip(*torch.unique(y, return_counts=True), strict=True):
-            self.counts[int(c)] = self.counts.get(int(c), 0) + int(k)
-            self.first_step.setdefault(int(c), self.steps)
+        for c in counts.nonzero().flatten().tolist():
+            self.counts[c] = self.counts.get(c, 0) + int(counts[c])
+            self.first_step.setdefault(c, self.steps)
 
     def on_head_grown(self, n_old: int, n_new: int) -> None:
         self.rectifier.grow(n_new)
@@ -145,38 +181,61 @@ class IL2M(Strategy):
         self.steps = 0
 
     def prepare_inference(self) -> None:
-        # provisional: the open experience's classes get statistics now, recomputed at its end
-        self._register(self.experience)
+        # provisional: the open experience's classes get statistics now, recomputed at its end.
+        # Data-parallel, one replica calls this alone: no collective (see the module's doc).
+        self._register(self.experience, alone=True)
 
     @torch.no_grad()
-    def _register(self, exp: int, exclude: set[int] = frozenset()) -> None:
-        """Statistics at the end of experience ``exp`` (its new classes, and the old ones)."""
+    def _register(self, exp: int, exclude: set[int] = frozenset(), alone: bool = False) -> None:
+        """Statistics at the end of experience ``exp`` (its new classes, and the old ones);
+        over every replica's memory unless ``alone`` (or the learner is one process)."""
+        alone = alone or self.group is None
         registered = self.rectifier.class_exp
         mine = {c: k for c, k in self.counts.items()
                 if int(registered[c]) in (-1, exp) and c not in exclude}
-        if not mine or not len(self.memory):
+        # `mine` comes from the global counts: every replica returns here, or none does
+        if not mine or (alone and not len(self.memory)):
             return
         enough = sum(mine.values()) / len(mine) / 4
         new = sorted(c for c, k in mine.items() if k >= enough)
         old = [c for c in range(len(registered)) if 0 <= int(registered[c]) < exp]
+        stats = self._measure(new + old, n_new=len(new))
+        if not alone:
+            self.reduce_sum(stats)
+        init_mean, current_mean = {}, {}
+        for i, c in enumerate(new + old):
+            total, rows = stats[2 * i], stats[2 * i + 1]
+            if rows:
+                (init_mean if c in new else current_mean)[c] = float(total / rows)
+        new = [c for c in new if c in init_mean]
+        if new:
+            confidence = float(stats[-2] / stats[-1])
+            self.rectifier.register(exp, new, init_mean, confidence, current_mean)
+
+    def _measure(self, classes: list[int], n_new: int) -> torch.Tensor:
+        """What the statistics are made of, on this replica's memory, as sums that add up over
+        replicas: for each of ``classes``, its mean score on its rows times their number, and
+        the number; last, the same for the top score over the rows of the first ``n_new``
+        classes (the new ones). Float64: a float32 mean times a count is exact there, so alone
+        the division gives back the very mean one process measures."""
+        stats = torch.zeros(2 * len(classes) + 2, dtype=torch.float64)
         was_training = self.model.training
         self.model.eval()
-        init_mean, current_mean, top = {}, {}, []
-        for c in new + old:
+        top = []
+        for i, c in enumerate(classes):
             rows = self.memory.group_rows(c)
             if not len(rows):
                 continue
             scores = F.softmax(self.model(self.memory.get(rows)["x"]), dim=1)
-            if c in new:
-                init_mean[c] = float(scores[:, c].mean())
+            stats[2 * i] = float(scores[:, c].mean()) * len(rows)
+            stats[2 * i + 1] = len(rows)
+            if i < n_new:
                 top.append(scores.max(1).values)
-            else:
-                current_mean[c] = float(scores[:, c].mean())
         self.model.train(was_training)
-        new = [c for c in new if c in init_mean]
-        if new:
-            confidence = float(torch.cat(top).mean())
-            self.rectifier.register(exp, new, init_mean, confidence, current_mean)
+        if top:
+            tops = torch.cat(top)
+            stats[-2], stats[-1] = float(tops.mean()) * len(tops), len(tops)
+        return stats
 
     def extra_state(self) -> dict[str, Any]:
         return {"memory": self.memory.state_dict(),

@@ -18,6 +18,8 @@ DER's term on the replayed samples:
     loss = CE([x; x'], [y; y']) + alpha * MSE(f(x'), z')
 
 Stored logits are padded as DER pads them when the head grows (each row's smallest logit).
+Data-parallel as IL2M is (see :mod:`streamcl.strategies.il2m`): the stored logits are the
+shared model's, so a replica's shard of the memory needs nothing more reduced.
 This is streamcl's default strategy: on the benchmark suite (``bench/suite.py``) it is the
 only strategy within reach of the best one on every stream, where IL2M falls behind on long
 experiences and DER++ on short ones.

@@ -17,6 +17,17 @@ Two stream-specific choices:
   ``lr * lambda_reg * Omega > 1`` — which is what sends the reference implementation to chance
   accuracy at the benchmark's settings (squared-norm importances reach tens on un-normalised
   logits). The proximal step is the same penalty, solved exactly, and stable for any values.
+
+**Data-parallel** (N replicas, :mod:`streamcl.parallel`). The importance is a mean over the
+experience's samples, and the replicas saw different ones; each keeps a reservoir of its share
+of ``importance_samples`` over its own samples and, at the boundary (which every replica meets
+at the same step), measures the *sum* of its per-sample gradient magnitudes. One all-reduce of
+those sums and the sample counts gives the mean over all the replicas' samples, the same bits
+everywhere: the importance one learner would measure on the union of the reservoirs, and,
+whenever an experience is shorter than ``importance_samples``, exactly the one it measures
+(the reservoirs then hold every sample). Omega, the anchor (the shared model's weights) and
+so the proximal step are then identical on every replica, including one that brought no
+sample to a step: it still takes the step and its proximal pull.
 """
 
 from __future__ import annotations
@@ -28,12 +39,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from streamcl.strategies.base import Strategy, pad_rows
+from streamcl.strategies.base import Strategy, pad_rows, share
 from streamcl.strategies.buffer import ReservoirBuffer
 
 
 class MAS(Strategy):
     name = "mas"
+    data_parallel = True  # the importance is reduced over the replicas at each boundary
 
     def __init__(self, model, optimizer, generator, *, lambda_reg: float = 1.0,
                  alpha: float = 0.5, importance_samples: int = 1024) -> None:
@@ -46,6 +58,13 @@ class MAS(Strategy):
         self.anchor: dict[str, torch.Tensor] = {}
         self._prox: tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]] | None = None
 
+    def shard(self, rank: int, world_size: int) -> None:
+        """Replica ``rank`` keeps its share of ``importance_samples``, over its own samples:
+        the replicas together hold as many as one learner's reservoir (all of an experience
+        shorter than ``importance_samples``)."""
+        self.importance_samples = max(1, share(self.importance_samples, rank, world_size))
+        self.current = ReservoirBuffer(self.importance_samples, self.generator)
+
     def observe(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = self.model(x)
         self.sgd_step(F.cross_entropy(logits, y))
@@ -53,6 +72,13 @@ class MAS(Strategy):
             self._proximal_step()
         self.current.add(x=x)
         return logits.detach()
+
+    def observe_empty(self) -> None:
+        """The step's update (zero gradient here, averaged) followed by the same proximal step
+        as the replicas that had samples: the penalty is part of every step."""
+        super().observe_empty()
+        if self.importance:
+            self._proximal_step()
 
     @torch.no_grad()
     def _proximal_step(self) -> None:
@@ -79,20 +105,30 @@ class MAS(Strategy):
 
     def compute_importance(self, x: torch.Tensor, chunk: int = 64) -> dict[str, torch.Tensor]:
         """Mean absolute per-sample gradient of ``||f(x)||^2`` w.r.t. every parameter."""
+        return {k: v / max(len(x), 1) for k, v in self.importance_sums(x, chunk).items()}
+
+    def importance_sums(self, x: torch.Tensor, chunk: int = 64) -> dict[str, torch.Tensor]:
+        """:meth:`compute_importance` before the division by ``len(x)``: sums add up over
+        replicas, means would not."""
         was_training = self.model.training
         self.model.eval()
         try:
             linear = _all_linear(self.model)
-            total = (_linear_importance(self.model, linear, x, chunk) if linear is not None
-                     else _vmap_importance(self.model, x, chunk))
+            return (_linear_importance(self.model, linear, x, chunk) if linear is not None
+                    else _vmap_importance(self.model, x, chunk))
         finally:
             self.model.train(was_training)
-        return {k: v / max(len(x), 1) for k, v in total.items()}
 
     def on_experience_end(self) -> None:
-        if not len(self.current):
+        if self.group is not None:  # every replica, even one without samples: a collective
+            total, n = self._global_sums()
+        elif len(self.current):
+            total, n = self.importance_sums(self.current.all()["x"]), len(self.current)
+        else:
             return
-        new = self.compute_importance(self.current.all()["x"])
+        if not n:
+            return
+        new = {k: v / n for k, v in total.items()}
         if self.importance:
             new = {k: self.alpha * self.importance[k] + (1 - self.alpha) * v
                    for k, v in new.items()}
@@ -100,6 +136,20 @@ class MAS(Strategy):
         self.anchor = {k: p.detach().clone() for k, p in self.model.named_parameters()}
         self.current = ReservoirBuffer(self.importance_samples, self.generator)
         self._prox = None
+
+    def _global_sums(self) -> tuple[dict[str, torch.Tensor], int]:
+        """Data-parallel: the importance sums and the sample count over every replica's
+        reservoir, in one all-reduce (a replica without samples adds zeros)."""
+        params = dict(self.model.named_parameters())
+        total = (self.importance_sums(self.current.all()["x"]) if len(self.current) else
+                 {k: torch.zeros_like(p) for k, p in params.items()})
+        flat = torch.cat([total[k].detach().reshape(-1) for k in params])
+        flat = self.reduce_sum(torch.cat([flat, flat.new_tensor([float(len(self.current))])]))
+        out, offset = {}, 0
+        for k, p in params.items():
+            out[k] = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        return out, round(float(flat[-1]))
 
     def on_head_grown(self, n_old: int, n_new: int) -> None:
         # new rows start unimportant; their anchor is irrelevant while their importance is 0

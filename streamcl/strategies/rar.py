@@ -25,6 +25,13 @@ plain experience replay.
 The memory holds past experiences only, balanced per experience (:class:`ExperienceMemory`, as
 ER and as Avalanche's RAR, whose reservoir is filled at experience ends): replaying the open
 experience too gives its classes a second share of every step.
+
+**Not data-parallel.** Sharding the memory is not enough for N replicas to run one RAR step:
+the look-ahead model (2.) needs the step's *global* batch gradient in the middle of the step,
+so a gradient all-reduce before the replay and a second one after it; and the adversarial
+targets (4.) are the nearest samples of the *global* batch, whose features sit on the other
+replicas (each step would gather them, with variable sizes, or each replica would attack
+towards its own part only: another method). The trainer refuses it with replicas.
 """
 
 from __future__ import annotations

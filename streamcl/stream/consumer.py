@@ -141,7 +141,8 @@ class BatchConsumer:
                  client_config: dict[str, Any] | None = None,
                  consumer_config: dict[str, Any] | None = None,
                  auto_offset_reset: str = "earliest", session_timeout_ms: int = 10_000,
-                 hold_until_seek: bool = False) -> None:
+                 hold_until_seek: bool = False, replica: tuple[int, int] | None = None
+                 ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
         self.group_id = group_id
@@ -163,6 +164,8 @@ class BatchConsumer:
         self.dead_letters = DeadLetterWriter(bootstrap, self.dlq_topic,
                                              client_config=self.client_config)
         self._replay: RangeReader | None = None
+        #: ``(rank, world_size)`` of a data-parallel replica: it reads only its partitions
+        self.replica = replica
         self._consumer = KafkaConsumer(**{
             **self._config, "bootstrap_servers": bootstrap, "group_id": group_id,
             "enable_auto_commit": False, "value_deserializer": None, "key_deserializer": None})
@@ -190,7 +193,7 @@ class BatchConsumer:
         if not parts:
             raise TimeoutError(f"no topic {self.topic!r} on {self.bootstrap} after "
                                f"{timeout_s:g} s")
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        tps = [TopicPartition(self.topic, p) for p in self._mine(parts)]
         self._consumer.assign(tps)
         if self._hold:
             self._consumer.pause(*tps)
@@ -240,6 +243,10 @@ class BatchConsumer:
                     self._pending.extendleft(reversed(items))
                     return None
                 remaining = min(remaining, 0.1)
+            if not self._consumer.assignment():  # a replica with no partition: wait, as poll would
+                (interrupt or threading.Event()).wait(max(0.0, remaining))
+                polled = True
+                continue
             records = self._consumer.poll(timeout_ms=max(0, int(remaining * 1000)),
                                           max_records=max_records - valid)
             polled = True
@@ -300,7 +307,10 @@ class BatchConsumer:
         if not parts:
             self._release()
             return {}
-        tps = [TopicPartition(self.topic, p) for p in sorted(parts)]
+        tps = [TopicPartition(self.topic, p) for p in self._mine(parts)]
+        if not tps:
+            self._release()
+            return {}
         offsets = {tp.partition: o for tp, o in kc.beginning_offsets(tps).items()}
         self.seek(offsets)
         return offsets
@@ -317,6 +327,13 @@ class BatchConsumer:
         return out
 
     # -- internals ----------------------------------------------------------------------------
+    def _mine(self, partitions: Iterable[int]) -> list[int]:
+        """The partitions this consumer reads: all, or a replica's share."""
+        if self.replica is None:
+            return sorted(partitions)
+        rank, world = self.replica
+        return [p for p in sorted(partitions) if p % world == rank]
+
     def _key(self, sample: Sample) -> tuple[Any, ...]:
         """What may not change inside a batch: the element type, and the task if asked."""
         return (sample.x.dtype, sample.task) if self.cut_at_task_change else (sample.x.dtype,)

@@ -148,6 +148,8 @@ class Start(Entry):
     replayed: int = 0
     holdout: HoldoutSpec | None = None
     torch_threads: int | None = None
+    #: how many data-parallel replicas train from here on (a journal is replayed by as many)
+    replicas: int = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,6 +164,9 @@ class Batch(Entry):
     plan: dict[str, Any]
     samples: int
     rejected: int = 0
+    #: data-parallel: each replica's ``[samples, rejected]`` in rank order (``ranges`` holds
+    #: all of theirs: replica r reads the partitions p with p % len(replicas) == r)
+    replicas: list[list[int]] | None = None
 
     @property
     def next_offsets(self) -> dict[int, int]:
@@ -180,6 +185,9 @@ class Snapshot(Entry):
     sha256: str
     covers_seq: int
     offsets: dict[int, int]
+    #: data-parallel: the SHA-256 of each replica's shard of the set, in rank order (``path``
+    #: and ``sha256`` are replica 0's; each replica keeps its shard on its own volume)
+    shards: list[str] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,6 +36,7 @@ import math
 import os
 import queue
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -78,7 +79,8 @@ class PrefetchingConsumer:
     def __init__(self, bootstrap: str, topic: str, group_id: str, decoder: Decoder, *,
                  batch_size: int, max_wait_s: float, cut_at_task_change: bool = False,
                  client_config: dict[str, Any] | None = None,
-                 session_timeout_ms: int = 10_000, hold_until_seek: bool = False) -> None:
+                 session_timeout_ms: int = 10_000, hold_until_seek: bool = False,
+                 replica: tuple[int, int] | None = None) -> None:
         self.bootstrap, self.topic, self.decoder = bootstrap, topic, decoder
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self.client_config = dict(client_config or {})
@@ -92,7 +94,8 @@ class PrefetchingConsumer:
         config = {"bootstrap": bootstrap, "topic": topic, "group_id": group_id,
                   "decoder": decoder.spec(), "batch_size": batch_size, "max_wait_s": max_wait_s,
                   "cut_at_task_change": cut_at_task_change, "client_config": self.client_config,
-                  "session_timeout_ms": session_timeout_ms, "hold_until_seek": hold_until_seek}
+                  "session_timeout_ms": session_timeout_ms, "hold_until_seek": hold_until_seek,
+                  "replica": None if replica is None else list(replica)}
         # the config (it may hold credentials) goes on stdin, not on the command line
         # one thread for the child's numeric libraries: it decodes and copies, and an OpenMP
         # pool there would spin on the core the trainer counts on (streamcl.threads)
@@ -346,6 +349,11 @@ _COMMANDS: dict[str, Callable[[_Child, dict[str, Any]], None]] = {
 
 
 def _child() -> int:
+    # the parent decides when this process ends (it closes stdin): a signal sent to the whole
+    # process group (Ctrl-C in a terminal, torchrun stopping its workers) must let the parent
+    # drain through it, not cut the input from under it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     out = sys.stdout.buffer
     with contextlib.suppress(OSError):
         import fcntl
@@ -366,7 +374,8 @@ def _child() -> int:
     consumer = BatchConsumer(
         start["bootstrap"], start["topic"], start["group_id"], Decoder(**start["decoder"]),
         cut_at_task_change=start["cut_at_task_change"], client_config=start["client_config"],
-        session_timeout_ms=start["session_timeout_ms"], hold_until_seek=start["hold_until_seek"])
+        session_timeout_ms=start["session_timeout_ms"], hold_until_seek=start["hold_until_seek"],
+        replica=None if start.get("replica") is None else tuple(start["replica"]))
     child = _Child(start, consumer, out)
     _write_frame(out, {"type": "ready"})
     out.flush()

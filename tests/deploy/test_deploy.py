@@ -1,15 +1,18 @@
-"""The deployment files (Dockerfile, deploy/compose.yaml, deploy/k8s, Prometheus, Grafana) are
-valid and agree with the code: every STREAMCL_* variable is a setting, every command line
-parses with the real CLI, every metric a dashboard or an alert uses is one the service exports
-(checked against a live ``streamcl run``), and the alert rules fire when they should.
+"""The deployment files (Dockerfile, deploy/compose.yaml, deploy/k8s, their variants for N
+data-parallel replicas, Prometheus, Grafana) are valid and agree with the code: every
+STREAMCL_* variable is a setting, every command line parses with the real CLI, every metric a
+dashboard or an alert uses is one the service exports (checked against a live
+``streamcl run``), and the alert rules fire when they should.
 
 The checks use the real tools: promtool (config, rules and rule unit tests), hadolint, PyYAML,
-the CLI's own argparse parser and the service's own settings model. Building the image needs a
-Docker engine, which CI does not have; everything the build depends on is checked statically.
+the CLI's own argparse parser, the service's own settings model, and kustomize (kubectl's) to
+render the Kubernetes variant for N replicas, an overlay. Building the image needs a Docker
+engine, which CI does not have; everything the build depends on is checked statically.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -22,7 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fnmatch import fnmatch
 from pathlib import Path
 from types import ModuleType
@@ -33,12 +36,15 @@ import yaml
 
 from streamcl.cli import UsageError, build_parser
 from streamcl.settings import Settings, env_name, sections
+from streamcl.strategies import STRATEGIES
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = DEPLOY / "compose.yaml"
+COMPOSE_REPLICAS = DEPLOY / "compose.replicas.yaml"
 K8S = DEPLOY / "k8s"
+K8S_REPLICAS = DEPLOY / "k8s-replicas"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "streamcl.json"
@@ -788,3 +794,314 @@ def test_local_compose_replaces_only_the_images_no_registry_gives() -> None:
             assert mine[key] == theirs[key], (name, key)
     assert local["services"]["trainer"]["ports"] == ["127.0.0.1:19100:9100"]
     assert not [k for k in local if k.startswith("x-") or k == "name"]
+
+
+# -- several replicas (data-parallel): the compose override and the k8s overlay -----------------
+
+RANK_FROM_POD_INDEX = "metadata.labels['apps.kubernetes.io/pod-index']"
+
+
+def compose_replicas() -> dict[str, Any]:
+    """deploy/compose.yaml with deploy/compose.replicas.yaml over it, merged as Compose (v1 and
+    v2) merges an override, for the keys the files use: ``environment`` and ``depends_on`` key
+    by key, ``volumes`` by container path, ``ports`` appended, anything else replaced."""
+    merged, override = compose(), yaml_doc(COMPOSE_REPLICAS)
+    for name, svc in override["services"].items():
+        mine = merged["services"].setdefault(name, {})
+        for key, value in svc.items():
+            if key == "environment":
+                mine[key] = compose_env(mine) | compose_env(svc)
+            elif key == "depends_on":
+                mine[key] = {**mine.get(key, {}), **value}
+            elif key == "volumes":
+                by_target = {v.split(":")[1]: v for v in [*mine.get(key, []), *value]}
+                mine[key] = list(by_target.values())
+            elif key == "ports":
+                mine[key] = list(dict.fromkeys([*mine.get(key, []), *value]))
+            else:
+                mine[key] = copy.deepcopy(value)
+    merged["volumes"] = {**merged.get("volumes", {}), **override.get("volumes", {})}
+    return merged
+
+
+def replica_services(doc: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """service name -> environment, for the services that are ranks of the group."""
+    return {name: compose_env(svc) for name, svc in doc["services"].items()
+            if "RANK" in compose_env(svc)}
+
+
+def test_compose_replicas_file_suits_compose_v1_and_v2() -> None:
+    doc = yaml_doc(COMPOSE_REPLICAS)
+    assert "name" not in doc and "version" not in doc
+    assert set(doc) <= {"services", "volumes"} | {k for k in doc if k.startswith("x-")}
+    assert set(doc["services"]) <= set(compose()["services"]) | {"topics", "trainer-1"}
+
+
+def test_compose_replicas_form_one_group() -> None:
+    """Distinct ranks 0..N-1, one WORLD_SIZE = N, MASTER_ADDR the rank-0 service, one learner's
+    settings everywhere, and each rank with its own volume and host port."""
+    c = compose_replicas()
+    trainers = replica_services(c)
+    n = len(trainers)
+    assert n >= 2, trainers
+    assert sorted(int(env["RANK"]) for env in trainers.values()) == list(range(n))
+    assert {env["WORLD_SIZE"] for env in trainers.values()} == {str(n)}
+    rank0 = next(name for name, env in trainers.items() if env["RANK"] == "0")
+    # rank 0 is the single trainer's service: Prometheus scrapes it, and its volume holds the
+    # registry that only rank 0 writes
+    assert rank0 == "trainer"
+    assert {env["MASTER_ADDR"] for env in trainers.values()} == {rank0}
+    [master_port] = {env["MASTER_PORT"] for env in trainers.values()}
+    assert 0 < int(master_port) < 65536
+
+    settings = [{k: v for k, v in env.items() if k.startswith("STREAMCL_")}
+                for env in trainers.values()]
+    assert all(s == settings[0] for s in settings), "the replicas must be one learner"
+    assert settings[0] == compose_env(compose()["services"]["trainer"]), \
+        "the single trainer's learner, on more processes"
+    data_volumes, host_ports = set(), set()
+    for name in trainers:
+        svc = c["services"][name]
+        assert svc["image"] == STREAMCL_IMAGE and svc.get("command", ["run"]) == ["run"]
+        assert svc["restart"] == "unless-stopped", "the group restarts as a whole"
+        [data] = [v.split(":")[0] for v in svc["volumes"] if v.split(":")[1] == "/data"]
+        assert data in c["volumes"], data
+        data_volumes.add(data)
+        [port] = svc["ports"]
+        host, container = str(port).split(":")
+        assert container == trainers[name]["STREAMCL_METRICS__PORT"]  # LOCAL_RANK unset
+        host_ports.add(host)
+    assert len(data_volumes) == n, "each rank writes its snapshot shard to its own volume"
+    assert len(host_ports) == n
+    assert "trainer-data" in [v.split(":")[0] for v in c["services"][rank0]["volumes"]]
+
+
+def test_compose_replicas_settings_are_valid_and_data_parallel(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    image_env = {k: v for k, v in dockerfile_env().items() if k.startswith("STREAMCL_")}
+    c = compose_replicas()
+    for name, env in replica_services(c).items():
+        unknown = {k for k in env if k.startswith("STREAMCL_")} - SETTING_VARS
+        assert not unknown, f"compose.replicas.yaml {name}: {unknown} are not settings"
+        s = _settings_from_env(monkeypatch, image_env | env)
+        assert STRATEGIES[s.learner.strategy].data_parallel, (
+            f"{name}: strategy {s.learner.strategy} does not run data-parallel")
+        assert str(s.snapshots.dir).startswith("/data/") and s.publication.registry.startswith(
+            "/data/")
+        parse_cli(c["services"][name].get("command", ["run"]), f"compose service {name}")
+    topics = compose_env(c["services"]["topics"])
+    assert not {k for k in topics if k.startswith("STREAMCL_")} - SETTING_VARS
+
+
+def test_compose_replicas_topic_has_a_partition_per_rank_before_anyone_uses_it() -> None:
+    """`streamcl run` and `streamcl produce` create a missing topic with one partition: the
+    `topics` service must create it with WORLD_SIZE partitions first."""
+    c = compose_replicas()
+    trainers = replica_services(c)
+    topics = c["services"]["topics"]
+    env = compose_env(topics)
+    trainer = trainers["trainer"]
+    assert env["WORLD_SIZE"] == trainer["WORLD_SIZE"]
+    assert env["STREAMCL_KAFKA__BOOTSTRAP_SERVERS"] == trainer["STREAMCL_KAFKA__BOOTSTRAP_SERVERS"]
+    assert env["STREAMCL_CONSUMER__TOPIC"] == trainer["STREAMCL_CONSUMER__TOPIC"]
+    assert topics["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert topics["restart"] == "no" and topics["image"] == STREAMCL_IMAGE
+    for name in [*trainers, "producer"]:
+        assert c["services"][name]["depends_on"]["topics"] == {
+            "condition": "service_completed_successfully"}, name
+    produce = next(parse_cli(a, "producer") for s, a in compose_command_lines()
+                   if s == "producer" and a[0] == "produce")
+    assert produce.topic == env["STREAMCL_CONSUMER__TOPIC"]
+
+
+def test_compose_replicas_topics_script_against_a_broker(kafka_bootstrap: str) -> None:
+    """The `topics` service's script, run as the container would, against a real broker: it
+    creates the topic with WORLD_SIZE partitions, and refuses a topic with fewer."""
+    from kafka import KafkaConsumer
+
+    svc = yaml_doc(COMPOSE_REPLICAS)["services"]["topics"]
+    assert svc["entrypoint"] == ["python", "-c"]
+    [script] = svc["command"]
+    topic = f"replicas-{os.getpid()}-{time.monotonic_ns()}"
+
+    def run(world_size: int) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCL_")}
+        env |= {"STREAMCL_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
+                "STREAMCL_CONSUMER__TOPIC": topic, "WORLD_SIZE": str(world_size)}
+        return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                              text=True, timeout=120)
+
+    first = run(2)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"topic {topic}: 2 partitions for 2 replicas" in first.stdout
+    consumer = KafkaConsumer(bootstrap_servers=kafka_bootstrap)
+    try:
+        assert consumer.partitions_for_topic(topic) == {0, 1}
+    finally:
+        consumer.close()
+    again = run(2)  # idempotent
+    assert again.returncode == 0, again.stdout + again.stderr
+    more = run(3)  # an existing topic is never repartitioned: too few partitions is an error
+    assert more.returncode != 0
+    assert f"topic {topic} has 2 partition(s); 3 replicas need at least 3" in more.stderr
+
+
+def test_local_compose_rewrites_the_replicas_override() -> None:
+    """deploy/local_compose.py on the override alone: images swapped, no broker of its own
+    added, and rank 1's host port next to rank 0's."""
+    proc = subprocess.run([sys.executable, str(DEPLOY / "local_compose.py"),
+                           str(COMPOSE_REPLICAS), "--image", "streamcl:smoke",
+                           "--prometheus-port", "19090", "--metrics-port", "19100"],
+                          capture_output=True, text=True, check=True, timeout=60)
+    local, real = yaml.safe_load(proc.stdout), yaml_doc(COMPOSE_REPLICAS)
+    assert set(local["services"]) == set(real["services"]), "no kafka added to an override"
+    assert not [k for k in local if k.startswith("x-") or k == "name"]
+    for name, svc in local["services"].items():
+        theirs = real["services"][name]
+        if "build" in theirs:
+            assert svc["image"] == "streamcl:smoke" and "build" not in svc
+        for key in set(theirs) - {"image", "build", "ports"}:
+            assert svc[key] == theirs[key], (name, key)
+    assert local["services"]["trainer-1"]["ports"] == ["127.0.0.1:19101:9100"]
+    assert "ports" not in local["services"]["trainer"]  # the base file's 19100 stays
+
+
+@pytest.fixture(scope="module")
+def k8s_replicas(kustomize_build: Callable[[Path], list[dict[str, Any]]]
+                 ) -> dict[str, list[dict[str, Any]]]:
+    """kind -> the manifests of that kind that `kubectl apply -k deploy/k8s-replicas` sends."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for doc in kustomize_build(K8S_REPLICAS):
+        out.setdefault(doc["kind"], []).append(doc)
+    return out
+
+
+def _named(docs: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    [doc] = [d for d in docs if d["metadata"]["name"] == name]
+    return doc
+
+
+def test_k8s_replicas_replace_the_deployment_and_keep_the_rest() -> None:
+    kustomization = yaml_doc(K8S_REPLICAS / "kustomization.yaml")
+    listed = kustomization["resources"]
+    assert "../k8s" in listed
+    for name in set(listed) - {"../k8s"}:
+        assert (K8S_REPLICAS / name).is_file(), name
+    assert {p.name for p in K8S_REPLICAS.glob("*.yaml")} - {"kustomization.yaml"} == \
+        set(listed) - {"../k8s"}
+
+
+def test_k8s_replicas_render_one_statefulset_instead_of_the_deployment(
+        k8s_replicas: dict[str, list[dict[str, Any]]]) -> None:
+    assert "Deployment" not in k8s_replicas and "PersistentVolumeClaim" not in k8s_replicas
+    assert len(k8s_replicas["StatefulSet"]) == 1
+    base = k8s_manifests()
+    [cm] = k8s_replicas["ConfigMap"]
+    assert cm["metadata"]["name"] == base["ConfigMap"]["metadata"]["name"]
+    assert cm["data"] == base["ConfigMap"]["data"], "one learner's settings, however many ranks"
+    metrics = _named(k8s_replicas["Service"], base["Service"]["metadata"]["name"])
+    assert metrics["spec"] == base["Service"]["spec"]
+    for docs in k8s_replicas.values():
+        for doc in docs:
+            assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "streamcl"
+
+
+def test_k8s_replicas_group_wiring(k8s_replicas: dict[str, list[dict[str, Any]]]) -> None:
+    """RANK from the pod index, WORLD_SIZE = replicas, MASTER_ADDR = pod 0 through a headless
+    Service whose names resolve before the pods are ready; pods started together, updated
+    together."""
+    [sts] = k8s_replicas["StatefulSet"]
+    spec = sts["spec"]
+    assert spec["podManagementPolicy"] == "Parallel", "pod 0 is ready only once all have joined"
+    assert spec["updateStrategy"]["type"] == "OnDelete", "never a group of mixed versions"
+    pod = spec["template"]
+    labels = pod["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert pod["spec"].get("restartPolicy", "Always") == "Always"
+
+    [container] = pod["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RANK"]["valueFrom"]["fieldRef"]["fieldPath"] == RANK_FROM_POD_INDEX
+    assert env["WORLD_SIZE"]["value"] == str(spec["replicas"]) and spec["replicas"] >= 2
+    assert "LOCAL_RANK" not in env, "one rank per pod: metrics on STREAMCL_METRICS__PORT"
+
+    headless = _named(k8s_replicas["Service"], spec["serviceName"])
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    assert headless["spec"]["selector"].items() <= labels.items()
+    assert env["MASTER_ADDR"]["value"] == \
+        f"{sts['metadata']['name']}-0.{headless['metadata']['name']}"
+    master_port = int(env["MASTER_PORT"]["value"])
+    [rendezvous] = headless["spec"]["ports"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert rendezvous["port"] == master_port == ports[rendezvous["targetPort"]]
+
+    # Prometheus: the base's metrics Service selects every rank; the ServiceMonitor selects
+    # that Service and not the headless one
+    metrics = _named(k8s_replicas["Service"], k8s_manifests()["Service"]["metadata"]["name"])
+    assert metrics["spec"]["selector"].items() <= labels.items()
+    monitor = yaml_doc(K8S / "servicemonitor.yaml")["spec"]["selector"]["matchLabels"]
+    assert monitor.items() <= metrics["metadata"]["labels"].items()
+    assert not monitor.items() <= headless["metadata"]["labels"].items()
+
+
+def test_k8s_replicas_each_pod_has_its_own_volume_and_the_probes(
+        k8s_replicas: dict[str, list[dict[str, Any]]]) -> None:
+    [sts] = k8s_replicas["StatefulSet"]
+    pod = sts["spec"]["template"]
+    [container] = pod["spec"]["containers"]
+    mounts = {v["mountPath"]: v["name"] for v in container["volumeMounts"]}
+    templates = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+    assert mounts["/data"] in templates, "/data must be a volume per pod"
+    assert templates[mounts["/data"]]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert not [v for v in pod["spec"].get("volumes", []) if "persistentVolumeClaim" in v], \
+        "a claim shared by every pod"
+    [cm] = k8s_replicas["ConfigMap"]
+    for key in ("STREAMCL_SNAPSHOTS__DIR", "STREAMCL_PUBLICATION__REGISTRY"):
+        assert cm["data"][key].startswith("/data/"), key
+
+    # the single-replica Deployment's container, but for the group's variables and port
+    base_pod = k8s_manifests()["Deployment"]["spec"]["template"]
+    [base] = base_pod["spec"]["containers"]
+    for key in ("image", "args", "envFrom", "startupProbe", "livenessProbe", "readinessProbe",
+                "resources", "securityContext", "volumeMounts"):
+        assert container[key] == base[key], key
+    assert {e["name"] for e in container["env"]} - {e["name"] for e in base["env"]} == \
+        {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert pod["spec"]["securityContext"] == base_pod["spec"]["securityContext"]
+    assert pod["metadata"]["annotations"] == base_pod["metadata"]["annotations"]
+    assert pod["spec"]["terminationGracePeriodSeconds"] == \
+        base_pod["spec"]["terminationGracePeriodSeconds"]
+
+
+def test_k8s_replicas_settings_are_valid_and_data_parallel(
+        k8s_replicas: dict[str, list[dict[str, Any]]], monkeypatch: pytest.MonkeyPatch) -> None:
+    image_env = {k: v for k, v in dockerfile_env().items() if k.startswith("STREAMCL_")}
+    [cm] = k8s_replicas["ConfigMap"]
+    [sts] = k8s_replicas["StatefulSet"]
+    [container] = sts["spec"]["template"]["spec"]["containers"]
+    names = set(cm["data"]) | {e["name"] for e in container["env"]}
+    assert not {n for n in names if n.startswith("STREAMCL_")} - SETTING_VARS
+    s = _settings_from_env(monkeypatch, image_env | cm["data"])
+    assert STRATEGIES[s.learner.strategy].data_parallel, s.learner.strategy
+    assert container.get("command") is None, "k8s must keep the image's entrypoint"
+    parse_cli(container["args"], "deploy/k8s-replicas")
+
+
+def test_k8s_replicas_scale_in_one_place(tmp_path: Path,
+                                         kustomize_build: Callable[[Path], list[dict[str, Any]]]
+                                         ) -> None:
+    """The kustomization's replica count is the one knob: WORLD_SIZE follows it."""
+    shutil.copytree(K8S, tmp_path / K8S.name)
+    shutil.copytree(K8S_REPLICAS, tmp_path / K8S_REPLICAS.name)
+    path = tmp_path / K8S_REPLICAS.name / "kustomization.yaml"
+    kustomization = yaml_doc(path)
+    [replicas] = kustomization["replicas"]
+    replicas["count"] = 5
+    path.write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    [sts] = [d for d in kustomize_build(path.parent) if d["kind"] == "StatefulSet"]
+    [container] = sts["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert sts["spec"]["replicas"] == 5 and env["WORLD_SIZE"] == "5"

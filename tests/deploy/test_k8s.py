@@ -1,14 +1,18 @@
 """The Kubernetes manifests against the Kubernetes API's own schemas (``kubernetes-validate``
-ships them), strictly (an unknown field is an error), for every version the README names."""
+ships them), strictly (an unknown field is an error), for every version the README names: the
+files of deploy/k8s, and what the deploy/k8s-replicas overlay renders (by kustomize)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
+K8S_REPLICAS = K8S.parent / "k8s-replicas"
 README = Path(__file__).resolve().parents[2] / "README.md"
 # the versions the README's deployment section states (keep the two in step)
 VERSIONS = [f"1.{minor}.0" for minor in range(29, 38)]
@@ -54,3 +58,23 @@ def test_a_broken_manifest_is_caught() -> None:
     broken["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, VERSIONS[-1], strict=True)
+
+
+@pytest.fixture(scope="module")
+def replicas_rendered(kustomize_build: Callable[[Path], list[dict[str, Any]]]
+                      ) -> list[dict[str, Any]]:
+    return kustomize_build(K8S_REPLICAS)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_replicas_overlay_validates_against_the_kubernetes_api(
+        version: str, replicas_rendered: list[dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    for doc in replicas_rendered:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"deploy/k8s-replicas renders a {doc['kind']} that is not valid "
+                        f"Kubernetes {version}: {exc.message} at {list(exc.path)}")
+    assert {"StatefulSet", "Service", "ConfigMap"} <= {d["kind"] for d in replicas_rendered}
