@@ -429,12 +429,16 @@ def _launch_replicas(args: argparse.Namespace) -> int:
     if "WORLD_SIZE" in os.environ:
         raise UsageError("--replicas inside a replica group (WORLD_SIZE is set): drop "
                          "--replicas, or unset WORLD_SIZE")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(args.replicas), "--max-restarts", str(args.max_restarts),
-           "-m", "streamcl", "run"]
-    if args.config is not None:
-        cmd += ["--config", str(args.config)]
-    return subprocess.call(cmd)
+    run = ["run"] if args.config is None else ["run", "--config", str(args.config)]
+    return _torchrun(args.replicas, run, max_restarts=args.max_restarts)
+
+
+def _torchrun(replicas: int, command: list[str], max_restarts: int = 0) -> int:
+    """Run ``streamcl COMMAND`` as ``replicas`` processes under ``torchrun --standalone``
+    (one host); its exit code."""
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc-per-node", str(replicas), "--max-restarts",
+                            str(max_restarts), "-m", "streamcl", *command])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -529,12 +533,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if group is None:
         replicas = replicas_of(args.bootstrap, args.name, args.to_seq)
         if replicas > 1:  # each replica's shard is part of the state: replay with as many
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   "--nproc-per-node", str(replicas), "-m", "streamcl", "replay",
-                   "--bootstrap", args.bootstrap, "--name", args.name, "--topic", args.topic]
+            cmd = ["replay", "--bootstrap", args.bootstrap, "--name", args.name,
+                   "--topic", args.topic]
             cmd += [] if args.to_seq is None else ["--to-seq", str(args.to_seq)]
             cmd += [] if args.snapshot_dir is None else ["--snapshot-dir", str(args.snapshot_dir)]
-            return subprocess.call(cmd)
+            return _torchrun(replicas, cmd)
     try:
         with tqdm(unit="batches", file=sys.stderr, desc="replay",
                   disable=group is not None and group.rank != 0) as bar:

@@ -171,15 +171,21 @@ class ReplicaGroup:
         self.collective_s += time.perf_counter() - t0
         return round(total)
 
+    def gather_digests(self, digest: str) -> list[str]:
+        """Every replica's SHA-256 (hex), by rank."""
+        if self.world_size == 1:
+            return [digest]
+        return [bytes(d).hex() for d in self.gather_ints(list(bytes.fromhex(digest)))]
+
+    def state_sha256(self, digest: str) -> str:
+        """The group's state digest from each replica's own (every replica calls it):
+        :func:`group_sha256` of them, in rank order."""
+        return group_sha256(self.gather_digests(digest))
+
     def check_identical(self, model: nn.Module) -> str:
         """The parameters' SHA-256, the same on every replica, or :class:`ReplicaDivergence`."""
         digest = parameters_sha256(model)
-        if self.world_size == 1:
-            return digest
-        mine = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.uint8)
-        theirs = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(theirs, mine)
-        differ = [r for r, t in enumerate(theirs) if not torch.equal(t, mine)]
+        differ = [r for r, d in enumerate(self.gather_digests(digest)) if d != digest]
         if differ:
             raise ReplicaDivergence(f"replica {self.rank}'s parameters differ from those of "
                                     f"replica(s) {differ}: the group stops (restart it from the "

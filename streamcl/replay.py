@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from streamcl.learner import Learner, rebuild
-from streamcl.parallel import ReplicaGroup, group_sha256
+from streamcl.parallel import ReplicaGroup
 from streamcl.stream.consumer import RangeReader
 from streamcl.stream.entries import Batch, Entry, Start
 from streamcl.stream.journal import Journal, journal_topic
@@ -82,8 +82,7 @@ def replay(bootstrap: str, name: str, topic: str, to_seq: int | None = None,
     digest = learner.sha256()
     if group is None:
         return digest, batches
-    return group_sha256([bytes(d).hex() for d in
-                         group.gather_ints(list(bytes.fromhex(digest)))]), batches
+    return group.state_sha256(digest), batches
 
 
 def replicas_of(bootstrap: str, name: str, to_seq: int | None = None,

@@ -46,7 +46,7 @@ import torch
 from streamcl.learner import Applied, Learner, Rebuilt, Step, rebuild
 from streamcl.metrics.prometheus import ServiceMetrics
 from streamcl.models import build_model
-from streamcl.parallel import ReplicaGroup, group_sha256
+from streamcl.parallel import ReplicaGroup
 from streamcl.registry.holdout import Holdout, PooledHoldout
 from streamcl.registry.publisher import Publisher
 from streamcl.stream.broker import check_connection
@@ -179,8 +179,9 @@ class TrainerService:
         if self.rank == 0:
             journal = Journal(self.bootstrap, topic, self.client_config,
                               writer=writer_id(self.name), timeout_s=timeout_s)
-        if self.group is not None:
-            self.group.exchange([0])  # replica 0 holds the writer
+        if self.group is not None:  # replica 0 holds the writer; whether it publishes
+            self._group_publishes = bool(self.group.exchange(
+                [int(self.publisher is not None)])[0][0])
         if self.rank != 0:
             journal = Journal(self.bootstrap, topic, self.client_config, create=False,
                               timeout_s=timeout_s)
@@ -602,6 +603,8 @@ class TrainerService:
         """Judge, journal and (if the gate agrees) publish the current model when due."""
         learner, pooled = self._learner(), None
         if self.group is not None:  # replica 0 decides; the gate scores every replica's shard
+            if not self._group_publishes:
+                return None
             due = self.publisher is not None and self.publisher.due(
                 learner.position, experience_ended) is not None
             if not self.group.exchange([int(due)])[0][0]:
@@ -698,9 +701,8 @@ class TrainerService:
         flat = [v for p, o in sorted(mine.offsets.items()) for v in (p, o)]
         offsets = {part[i]: part[i + 1] for part in self.group.gather_ints(flat)
                    for i in range(0, len(part), 2)}
-        digests = self.group.gather_ints(list(bytes.fromhex(mine.sha256)))
         return dataclasses.replace(mine, offsets=offsets,
-                                   shards=[bytes(d).hex() for d in digests])
+                                   shards=self.group.gather_digests(mine.sha256))
 
     # -- running ------------------------------------------------------------------------------
     def run(self, stop: threading.Event,
@@ -750,8 +752,7 @@ class TrainerService:
         digest = self._learner().sha256()
         if self.group is None:
             return digest
-        return group_sha256([bytes(d).hex() for d in
-                             self.group.gather_ints(list(bytes.fromhex(digest)))])
+        return self.group.state_sha256(digest)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

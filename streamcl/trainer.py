@@ -136,6 +136,7 @@ class OnlineTrainer:
         #: the replicas this trainer is one of (data-parallel; None: it is alone)
         self.group = group
         self._replica_sizes: list[int] = []  # each replica's batch size in the planned step
+        self._step_labels = torch.zeros(0, dtype=torch.long)  # every replica's, planned step
         self.device = torch.device(config.device)
         seeds = torch.Generator().manual_seed(config.seed)
         # one generator per consumer, so adding a draw in one place never shifts another's
@@ -189,6 +190,7 @@ class OnlineTrainer:
             y = torch.cat(self.group.gather(y.long(), self._replica_sizes))
             if not len(y):
                 return None
+            self._step_labels = y
         y_list = y.tolist()
         if not y_list:
             raise ValueError("an empty batch has nothing to learn; skip it instead of planning it")
@@ -287,6 +289,7 @@ class OnlineTrainer:
         n = len(y)
         self.strategy.reduce_gradients = lambda: group.average_gradients(
             self.model.parameters(), n)
+        self.strategy.step_targets = self._to_indices(self._step_labels)
         if n:
             pred, yi, logits = self._predict_then_train(x, y, n_known)
             losses = F.cross_entropy(logits, yi, reduction="none").detach()

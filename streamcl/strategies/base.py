@@ -40,6 +40,10 @@ class Strategy:
     #: set by a data-parallel trainer before :meth:`shard`: the replicas, for state that must
     #: be global (``group.all_reduce_sum``); ``None`` when the learner is one process
     group: ReplicaGroup | None = None
+    #: set by a data-parallel trainer before each :meth:`observe` / :meth:`observe_empty`:
+    #: the head rows of the whole step's batch (every replica's part, in rank order), which
+    #: the plan gathered already; per-step class statistics take them instead of a collective
+    step_targets: torch.Tensor | None = None
 
     def __init__(self, model: Classifier, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator) -> None:
@@ -78,6 +82,14 @@ class Strategy:
         self.batch_size_mem = max(1, share(self.batch_size_mem, rank, world_size))  # type: ignore[attr-defined]
         self.memory = type(memory)(max(1, share(memory.capacity, rank, world_size)),
                                    self.generator)
+
+    def step_classes(self, y: torch.Tensor | None) -> torch.Tensor:
+        """The head rows of the step's incoming batch: ``y``, or data-parallel every
+        replica's (:attr:`step_targets`; ``y`` is then this replica's part, or ``None``)."""
+        if self.step_targets is not None:
+            return self.step_targets
+        assert y is not None
+        return y
 
     def reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over the replicas (in place; alone: as they are). For strategy

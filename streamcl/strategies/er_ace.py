@@ -30,8 +30,8 @@ class-balanced memory, over its own samples, and replays its share of the replay
 does. The mask is the one thing that must be global: "the classes present in the incoming
 batch" means the step's whole batch, and a replica's part may lack some of them (labels in
 runs split across replicas would leave a part with one class, whose masked loss learns
-nothing). So each step sums a per-class presence vector over the replicas (one all-reduce,
-joined with zeros by a replica without samples) and every replica masks with the union. The
+nothing). So every replica masks with the classes of the whole step's batch, whose labels the
+trainer's plan has gathered already (:attr:`Strategy.step_targets`: no collective of its own). The
 loss is then one learner's on the step's rows, up to how rows are weighted: each replica's
 loss is its per-row mean and the trainer weights it by its incoming samples, which makes the
 per-row mean over all rows when every replica replays in proportion to its batch (even
@@ -82,19 +82,12 @@ class ERACE(Strategy):
         self.memory.add(y, x=x, y=y)
         return out[:n].detach()
 
-    def observe_empty(self) -> None:
-        """The mask's all-reduce (nothing present here), then the step: the collectives of
-        :meth:`observe`, in its order."""
-        self.present_classes(None)
-        super().observe_empty()
-
-    def present_classes(self, y: torch.Tensor | None) -> torch.Tensor:
+    def present_classes(self, y: torch.Tensor) -> torch.Tensor:
         """Which head rows the step's incoming batch holds: ``y``'s classes, or data-parallel
-        those of every replica's part (``None``: this replica has none)."""
-        present = torch.zeros(self.model.n_classes, dtype=torch.long)
-        if y is not None:
-            present[y.cpu()] = 1
-        return self.reduce_sum(present) > 0
+        those of every replica's part (:meth:`~Strategy.step_classes`)."""
+        present = torch.zeros(self.model.n_classes, dtype=torch.bool)
+        present[self.step_classes(y).cpu()] = True
+        return present
 
     def extra_state(self) -> dict[str, Any]:
         return {"memory": self.memory.state_dict()}

@@ -35,10 +35,11 @@ class-balanced memory, over its own samples, and replays its share of the replay
 statistics must be global, and so must the counts that decide which classes they are taken
 for:
 
-* the per-class counts of every step are summed over the replicas (one all-reduce of a vector
-  as long as the head, in :meth:`IL2M.count`, which a replica without samples joins with
-  zeros), so every replica holds the counts, first steps and step number one learner would
-  hold, and registers each class to the experience one learner registers it to;
+* the per-class counts of every step are those of the whole step's batch, whose labels the
+  trainer's plan has gathered already (:attr:`Strategy.step_targets`, in :meth:`IL2M.count`,
+  which a replica without samples calls too), so every replica holds the counts, first steps
+  and step number one learner would hold, and registers each class to the experience one
+  learner registers it to;
 * at an experience's end (met by every replica at the same step) each replica measures, on
   its shard, per class the sum of the class's scores and the number of rows, and the sum of
   the top scores over the new classes' rows; one all-reduce of those gives the means over the
@@ -151,18 +152,15 @@ class IL2M(Strategy):
         return out[:n].detach()
 
     def observe_empty(self) -> None:
-        """The step's update (zero gradient here), then the count's all-reduce with nothing
-        counted here: the same collectives, in the same order, as :meth:`observe`."""
+        """The step's update (zero gradient here), then the step's count, as :meth:`observe`."""
         super().observe_empty()
         self.count(None)
 
     def count(self, y: torch.Tensor | None) -> None:
         """Count the step's samples per class (the registration rule needs them); data-parallel,
-        those of every replica's batch (``None``: this replica has none)."""
-        counts = torch.zeros(self.model.n_classes, dtype=torch.long)
-        if y is not None:
-            counts += torch.bincount(y.cpu(), minlength=len(counts))
-        self.reduce_sum(counts)
+        those of every replica's batch (:meth:`~Strategy.step_classes`; ``None``: this replica
+        brought none)."""
+        counts = torch.bincount(self.step_classes(y).cpu(), minlength=self.model.n_classes)
         self.steps += 1
         for c in counts.nonzero().flatten().tolist():
             self.counts[c] = self.counts.get(c, 0) + int(counts[c])
