@@ -435,10 +435,22 @@ def _launch_replicas(args: argparse.Namespace) -> int:
 
 def _torchrun(replicas: int, command: list[str], max_restarts: int = 0) -> int:
     """Run ``streamcl COMMAND`` as ``replicas`` processes under ``torchrun --standalone``
-    (one host); its exit code."""
-    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            "--nproc-per-node", str(replicas), "--max-restarts",
-                            str(max_restarts), "-m", "streamcl", *command])
+    (one host); its exit code. SIGTERM and SIGINT are passed on to torchrun, which passes
+    them to the replicas (they drain together), and this process waits for it: stopping the
+    launcher must not orphan the group."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", str(replicas), "--max-restarts",
+                             str(max_restarts), "-m", "streamcl", *command])
+    signals = (signal.SIGTERM, signal.SIGINT)
+    before = [signal.signal(s, lambda signum, _frame: proc.send_signal(signum))
+              for s in signals]
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in zip(signals, before, strict=True):
+            signal.signal(s, handler)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
-"""Two data-parallel replicas of one learner as `streamcl run` runs them: torchrun, gloo over
-loopback, a real broker, an input topic of 4 partitions (2 per replica).
+"""Two data-parallel replicas of one learner as `streamcl run --replicas 2` runs them (torchrun
+underneath), gloo over loopback, a real broker, an input topic of 4 partitions (2 per replica).
 
 The group is killed with SIGKILL, one replica at a time, at random points; torchrun restarts the
 whole group (``--max-restarts``), which recovers from its snapshot set and the journal. With
@@ -55,22 +55,28 @@ def _produce(bootstrap: str, topic: str, done: threading.Event) -> None:
     done.set()
 
 
-def _workers(agent: int) -> dict[int, int]:
-    """RANK -> pid of torchrun's worker processes (children of the agent)."""
-    out = {}
+def _workers(launcher: int) -> dict[int, int]:
+    """RANK -> pid of the replicas: the children of the torchrun agent that ``streamcl run
+    --replicas`` (pid ``launcher``) started."""
+    parents = {}
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    agents = [pid for pid, ppid in parents.items() if ppid == launcher]
+    out = {}
+    for pid, ppid in parents.items():
+        if ppid not in agents:
             continue
         try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid != agent:
-                continue
-            env = dict(kv.split("=", 1) for kv in (d / "environ").read_text().split("\0")
-                       if "=" in kv)
-        except (OSError, ValueError, IndexError):
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text()
+                       .split("\0") if "=" in kv)
+        except OSError:
             continue
         if "RANK" in env:
-            out[int(env["RANK"])] = int(d.name)
+            out[int(env["RANK"])] = pid
     return out
 
 
@@ -111,9 +117,9 @@ def test_two_replicas_survive_kill_9_of_either_and_match_the_uninterrupted_state
     produced = threading.Event()
     threading.Thread(target=_produce, args=(kafka_bootstrap, topic, produced),
                      daemon=True).start()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "--max-restarts", "3", "-m", "streamcl", "run", "--config", str(config)],
+    proc = subprocess.Popen(  # torchrun --standalone --nproc-per-node 2 --max-restarts 3
+        [sys.executable, "-m", "streamcl", "run", "--replicas", "2", "--max-restarts", "3",
+         "--config", str(config)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     rng = random.Random(5)
     try:
@@ -134,7 +140,8 @@ def test_two_replicas_survive_kill_9_of_either_and_match_the_uninterrupted_state
             return produced.is_set() and sum(
                 e.samples + e.rejected for e in entries if isinstance(e, Batch)) >= N
         _wait(all_trained, proc, "every sample to be journaled", timeout_s=180)
-        proc.send_signal(signal.SIGTERM)  # torchrun passes it on: the group drains together
+        # the launcher passes it to torchrun, torchrun to the replicas: they drain together
+        proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=90)
     finally:
         if proc.poll() is None:
