@@ -240,6 +240,35 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: all of them)")
     gc.add_argument("--dry-run", action="store_true", help="only print what would be removed")
 
+    srv = sub.add_parser("serve", help="serve the registry's model over the Open Inference "
+                         "Protocol (KServe v2 REST), hot-swapping each new version",
+                         formatter_class=_DefaultsHelp)
+    srv.add_argument("--registry", dest="registry_location", metavar="LOCATION",
+                     help="registry directory or URL (default: the config's registry setting, "
+                          "else ./registry)")
+    srv.add_argument("--name", help="the model's name: its URL path and the <name>.models "
+                     "topic followed (default: the config's, else streamcl)")
+    srv.add_argument("--alias", default="production", help="the alias whose version is served")
+    srv.add_argument("--bootstrap", help="Kafka bootstrap servers: follow <name>.models "
+                     "announcements (default: the config's with --config; without Kafka the "
+                     "alias is polled)")
+    srv.add_argument("--config", type=Path, help="service settings (YAML): registry, name, "
+                     "Kafka and its security settings")
+    srv.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port")
+    srv.add_argument("--max-batch", type=int, default=64,
+                     help="most samples one model call takes from queued requests")
+    srv.add_argument("--max-wait-ms", type=float, default=0.0,
+                     help="how long the oldest queued request may wait for a batch to fill "
+                          "(0: run what has queued at once)")
+    srv.add_argument("--keep-versions", type=int, default=3,
+                     help="models kept loaded for requests that name a version")
+    srv.add_argument("--max-body-mb", type=float, default=16.0,
+                     help="largest request body accepted (413 above)")
+    srv.add_argument("--poll-s", type=float, default=1.0,
+                     help="without Kafka: seconds between reads of the alias")
+    srv.add_argument("--threads", type=int, default=1, help="torch threads for the model")
+
     rpt = sub.add_parser("report", help="write an HTML report: accuracy over time, boundaries, "
                          "model versions and quality-gate decisions")
     rpt.add_argument("--config", type=Path, help="service settings (YAML): name, Kafka, registry")
@@ -630,6 +659,47 @@ def _version_ranges(versions: list[int]) -> str:
                      f"{format_version(r[0])}..{format_version(r[-1])}" for r in runs)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``streamcl serve``: the inference server (:mod:`streamcl.serve`) in the foreground;
+    SIGTERM drains the requests in flight and exits 0."""
+    import logging
+
+    from streamcl.registry import ModelRegistry
+    from streamcl.serve import InferenceServer
+    from streamcl.settings import JournalSettings, KafkaSettings, PublicationSettings, load_settings
+
+    for flag, value, low in (("--max-batch", args.max_batch, 1),
+                             ("--keep-versions", args.keep_versions, 1),
+                             ("--threads", args.threads, 1), ("--port", args.port, 0)):
+        if value < low or (flag == "--port" and value > 65535):
+            raise UsageError(f"{flag} {value}: must be {low} or more"
+                             + (" and at most 65535" if flag == "--port" else ""))
+    for flag, value in (("--max-wait-ms", args.max_wait_ms), ("--poll-s", args.poll_s),
+                        ("--max-body-mb", args.max_body_mb)):
+        if not value >= 0 or (flag != "--max-wait-ms" and not value > 0):
+            raise UsageError(f"{flag} {value}: must be a positive number")
+    settings = load_settings(args.config) if args.config is not None else None
+    kafka = settings.kafka if settings else KafkaSettings()
+    location = args.registry_location or (settings.publication if settings
+                                          else PublicationSettings()).registry
+    name = args.name or (settings.journal if settings else JournalSettings()).name
+    bootstrap = args.bootstrap or (kafka.bootstrap_servers if settings else None)
+    server = InferenceServer(ModelRegistry(location), name, alias=args.alias,
+                             bootstrap=bootstrap, client_config=kafka.client_config(),
+                             host=args.host, port=args.port, max_batch=args.max_batch,
+                             max_wait_ms=args.max_wait_ms, keep_versions=args.keep_versions,
+                             max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                             poll_s=args.poll_s, threads=args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    try:
+        server.run()
+    except OSError as exc:
+        raise UsageError(f"--host {args.host} --port {args.port}: cannot listen there "
+                         f"({exc.strerror or exc}); pick a free port") from None
+    return 0
+
+
 def cmd_registry(args: argparse.Namespace) -> int:
     """``streamcl registry``: the operator's view of the model registry. Promote and rollback
     move an alias and, when Kafka is known, announce it so watching services swap at once.
@@ -791,7 +861,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         commands = {"simulate": cmd_simulate, "produce": cmd_produce, "run": cmd_run,
                     "demo": cmd_demo, "replay": cmd_replay, "datasets": cmd_datasets,
-                    "registry": cmd_registry, "report": cmd_report}
+                    "registry": cmd_registry, "report": cmd_report,
+                    "serve": cmd_serve}
         return commands[args.command](args)
     except (UsageError, DataError, ValueError) as exc:
         print(f"streamcl: error: {exc}", file=sys.stderr)

@@ -161,6 +161,20 @@ class InferenceModel:
             return torch.full((len(x),), -1, dtype=torch.long)
         return self._label_table[self.predict_scores(x, batch_size).argmax(1)]
 
+    @torch.no_grad()
+    def predict_proba(self, x: torch.Tensor,
+                      batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted labels and the softmax of the (rectified) scores, from one forward pass.
+
+        Column ``i`` of the probabilities belongs to label ``labels[i]`` (head-row order, which
+        only ever grows at the end). Labels are exactly :meth:`predict`'s.
+        """
+        if not self.n_classes or not len(x):
+            return (torch.full((len(x),), -1, dtype=torch.long),
+                    torch.zeros(len(x), self.n_classes))
+        scores = self.predict_scores(x, batch_size)
+        return self._label_table[scores.argmax(1)], scores.softmax(1)
+
     def __repr__(self) -> str:
         v = f"v{self.version}" if self.version is not None else "unpublished"
         return f"InferenceModel({v}, {self.n_classes} classes)"

@@ -48,7 +48,8 @@ class ModelWatcher:
     polls the alias file every ``poll_s`` seconds.
 
     ``on_swap(model)`` is called after each swap, the initial load in :meth:`start` included
-    (from the caller's thread then, from the watcher's thread afterwards).
+    (from the caller's thread then, from the watcher's thread afterwards); ``on_refuse(version,
+    error)`` after each refusal.
     :attr:`swap_latency_s` records, per swap triggered by an announcement, the seconds from the
     announcement's ``ts`` to the swap (clocks of two machines: only as good as their sync).
     """
@@ -57,6 +58,7 @@ class ModelWatcher:
                  alias: str = PRODUCTION, bootstrap: str | None = None, name: str | None = None,
                  client_config: dict[str, Any] | None = None, poll_s: float = 1.0,
                  on_swap: Callable[[InferenceModel], None] | None = None,
+                 on_refuse: Callable[[int, Exception], None] | None = None,
                  resync_s: float | None = 60.0, fetch_max_wait_ms: int = 50) -> None:
         if bootstrap is not None and not name:
             raise ValueError("ModelWatcher: bootstrap given without the service name whose "
@@ -73,6 +75,7 @@ class ModelWatcher:
         self.resync_s = resync_s
         self.fetch_max_wait_ms = fetch_max_wait_ms
         self.on_swap = on_swap
+        self.on_refuse = on_refuse
         #: the model being served (replaced whole on a swap); None until a version loads
         self.model: InferenceModel | None = None
         #: versions refused because they failed verification or could not be loaded
@@ -222,6 +225,11 @@ class ModelWatcher:
             log.error("model watcher: refusing %s of alias %r, still serving %s: %s",
                       format_version(version), self.alias,
                       format_version(self.version) if self.version else "nothing", exc)
+            if self.on_refuse is not None:
+                try:
+                    self.on_refuse(version, exc)
+                except Exception:
+                    log.exception("model watcher: on_refuse callback failed")
             return
         now = time.time()
         with self._cond:
