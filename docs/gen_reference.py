@@ -12,6 +12,7 @@ Each section sits between marker comments in README.md, ``<!-- BEGIN name -->`` 
 * ``cli``: every subcommand and option of the argparse parser, :func:`streamcl.cli.build_parser`;
 * ``metrics``: every family a fresh :class:`~streamcl.metrics.prometheus.ServiceMetrics`
   exposes (the exact names dashboards and alert rules must use), with its type, labels and help;
+* ``serve-metrics``: the same for ``streamcl serve``'s :class:`~streamcl.metrics.serving.ServingMetrics`;
 * ``strategies``: :data:`streamcl.strategies.STRATEGIES` with their parameters' defaults;
 * ``benchmarks``: the summary, figures and speed sections of ``docs/benchmarks.md`` (written by
   ``bench/suite.py``; the per-stream tables stay there).
@@ -223,16 +224,17 @@ def parse_families(openmetrics_text: str) -> list[dict[str, Any]]:
     return families
 
 
-def metric_families() -> list[dict[str, Any]]:
-    """What a fresh :class:`ServiceMetrics` exposes. Label names also come from the
-    collectors, so a labelled family with no series yet (the consumer lag before the first
-    partition assignment) still lists them."""
+def metric_families(metrics: Any = None) -> list[dict[str, Any]]:
+    """What a fresh :class:`ServiceMetrics` (or the ``metrics`` given, e.g. the inference
+    server's :class:`ServingMetrics`) exposes. Label names also come from the collectors, so a
+    labelled family with no series yet (the consumer lag before the first partition
+    assignment) still lists them."""
     from prometheus_client.metrics import MetricWrapperBase
     from prometheus_client.openmetrics.exposition import generate_latest
 
     from streamcl.metrics.prometheus import ServiceMetrics
 
-    metrics = ServiceMetrics()
+    metrics = metrics if metrics is not None else ServiceMetrics()
     declared: dict[str, tuple[str, ...]] = {}
     for value in vars(metrics).values():
         if isinstance(value, MetricWrapperBase):
@@ -244,15 +246,21 @@ def metric_families() -> list[dict[str, Any]]:
     return families
 
 
-def render_metrics() -> str:
+def render_metrics(metrics: Any = None) -> str:
     rows = ["| metric | type | labels | meaning |", "|---|---|---|---|"]
-    for f in metric_families():
+    for f in metric_families(metrics):
         names = [n for n in f["samples"] if not n.endswith("_created")]
         shown = _code(names[0]) + "".join(
             f", {_code(n[len(f['name']):])}" for n in names[1:])
         rows.append(f"| {shown} | {f['type']} | {_cell(', '.join(f['labels']) or '—')} | "
                     f"{_cell(f['help'])} |")
     return "\n".join(rows)
+
+
+def render_serve_metrics() -> str:
+    from streamcl.metrics.serving import ServingMetrics
+
+    return render_metrics(ServingMetrics())
 
 
 # -- strategies ---------------------------------------------------------------------------------
@@ -291,6 +299,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "config": render_config,
     "cli": render_cli,
     "metrics": render_metrics,
+    "serve-metrics": render_serve_metrics,
     "strategies": render_strategies,
     "benchmarks": render_benchmarks,
 }

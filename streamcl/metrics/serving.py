@@ -2,12 +2,13 @@
 
 What a dashboard of production needs to answer "what is being served, how well, and what does
 it predict": requests and their latency by the version that answered and the outcome
-(``ok``, ``bad_request``, ``not_found``, ``unavailable``, ``too_large``), the sizes of the
-batches the model actually ran, the version served and its age (seconds since the registry
-committed it), swaps and refused versions, the time from an announcement to serving it, and
-the predicted labels. Like :class:`~streamcl.metrics.prometheus.ServiceMetrics` it keeps its own
-registry, and label children are cached: a request costs two dictionary look-ups, not two
-``labels()`` calls (measured ~1 us each, on a path where a whole request takes ~100 us).
+(``ok``, ``bad_request``, ``not_found``, ``unavailable``, ``too_large``, ``error``: a bug),
+the sizes of the batches the model actually ran, the version served and its age (seconds since
+the registry committed it), swaps and refused versions, the time from an announcement to
+serving it, and the predicted labels. Like :class:`~streamcl.metrics.prometheus.ServiceMetrics`
+it keeps its own registry, and label children are cached: a request costs two dictionary
+look-ups, not two ``labels()`` calls (measured here: 0.5 us for a cached child's ``inc()``,
+2.0 us through ``labels()``, on a path where a whole request takes ~200 us).
 
 >>> m = ServingMetrics()
 >>> m.request("3", "ok", 0.002)
@@ -34,7 +35,7 @@ BATCH_BUCKETS = tuple(float(2 ** k) for k in range(13))
 #: announcement -> serving (seconds): the goal is under 0.1
 SWAP_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 #: outcomes a request can have, created at 0 up front so rate() sees them before the first one
-OUTCOMES = ("ok", "bad_request", "not_found", "unavailable", "too_large")
+OUTCOMES = ("ok", "bad_request", "not_found", "unavailable", "too_large", "error")
 
 
 class ServingMetrics:

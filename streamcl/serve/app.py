@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -43,6 +44,8 @@ from streamcl.registry.model import InferenceModel
 from streamcl.serve.batcher import Batcher
 from streamcl.serve.protocol import HEADER_LENGTH, ProtocolError, decode_request, encode_response
 from streamcl.serve.versions import ServedModels, VersionUnavailable
+
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -96,6 +99,10 @@ class InferenceApp:
             status, body, ctype = answer.status, json.dumps(answer.body).encode(), _JSON
         except ProtocolError as exc:
             status, body, ctype = exc.status, json.dumps({"error": str(exc)}).encode(), _JSON
+        except Exception as exc:  # a bug: answered in the protocol's shape, logged in full
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            status, ctype = 500, _JSON
+            body = json.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"}).encode()
         if scope["path"].endswith("/infer"):
             outcome = "ok" if status == 200 else _OUTCOME.get(status, "error")
             self.metrics.request(served["version"], outcome, time.perf_counter() - start)
@@ -175,7 +182,10 @@ class InferenceApp:
                 raise _error(503, f"model {self.name!r} is not ready: "
                                   f"{self.models.waiting_for or 'no version loaded yet'}")
             return model
-        try:
+        kept = self.models.peek(pinned)
+        if kept is not None:
+            return kept
+        try:  # a load (read, verify, rebuild) is off the event loop
             return await asyncio.to_thread(self.models.get, pinned)
         except VersionUnavailable as exc:
             raise _error(404, str(exc)) from None

@@ -101,6 +101,14 @@ class ServedModels:
         with self._lock:
             return sorted(self._loaded)
 
+    def peek(self, version: int) -> InferenceModel | None:
+        """The model of ``version`` if it is loaded already (never loads)."""
+        current = self.current
+        if current is not None and current.version == version:
+            return current
+        with self._lock:
+            return self._loaded.get(version)
+
     def get(self, version: int) -> InferenceModel:
         """The model of ``version``: kept, or loaded and verified now (call off the event loop).
 
