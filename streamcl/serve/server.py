@@ -15,7 +15,6 @@ error instead of after the model loads.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import signal
@@ -98,7 +97,10 @@ class InferenceServer:
             torch.set_num_threads(self.threads)
         # bound here, not by uvicorn (which logs and exits 3): a taken port raises OSError now
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._socket = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
+        # and without it the response's two writes (head, body) meet the client's delayed ACK:
+        # measured 44 ms per request instead of 0.6 ms
+        self._socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             self._socket.bind((self.host, self._config.port))
@@ -129,9 +131,8 @@ class InferenceServer:
         """Serve on a background thread; returns once the socket is listening (connections
         made before the loop runs wait in the backlog)."""
         self._bind()
-        self._thread = threading.Thread(
-            target=lambda: asyncio.run(self._server.serve(sockets=[self._socket])),
-            name="streamcl-serve-http", daemon=True)
+        self._thread = threading.Thread(target=self._server.run, args=([self._socket],),
+                                        name="streamcl-serve-http", daemon=True)
         self._thread.start()
         return self
 
