@@ -74,12 +74,14 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /data
 USER 10001:10001
 VOLUME /data
-EXPOSE 9100
+EXPOSE 9100 8000
 
-# liveness: /healthz on the metrics port (python, since the slim image has no curl); an HTTP
-# error (503: the loop is wedged) or a refused connection exits non-zero
+# liveness of whichever command runs (python, since the slim image has no curl): the trainer's
+# /healthz on STREAMCL_METRICS__PORT, or `streamcl serve`'s /v2/health/live on its --port (see
+# streamcl/healthcheck.py); an HTTP error (503: the loop is wedged) or a refused connection
+# exits non-zero
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('STREAMCL_METRICS__PORT', '9100') + '/healthz', timeout=4)"]
+    CMD ["python", "-m", "streamcl.healthcheck"]
 
 # SIGTERM drains: the batch in flight finishes, a snapshot is taken, offsets are committed
 STOPSIGNAL SIGTERM

@@ -15,8 +15,12 @@
 #      (nothing re-consumed, nothing trained twice: its state is the one `streamcl replay`
 #      rebuilds from the journal);
 #   5. the compose stack (deploy/compose.yaml, with the images no registry can give replaced by
-#      deploy/local_compose.py) comes up: broker, trainer, producer, Prometheus with the alert
-#      rules; Prometheus's HTTP API returns the trained-sample count.
+#      deploy/local_compose.py) comes up: broker, trainer, producer, inference server,
+#      Prometheus with the alert rules; Prometheus's HTTP API returns the trained-sample count;
+#      the inference server (`streamcl serve`) becomes ready once the trainer has published its
+#      first version (GET /v2/health/ready 200), answers an inference of the input shape its
+#      model metadata gives with 200 and a label, is scraped by Prometheus
+#      (streamcl_serve_requests_total), and `docker stop` drains it to exit code 0.
 # It ends with "N passed, N failed" and a non-zero exit on any failure (an engine that does not
 # start is a failure, never a skip), removes its containers, volumes and network, and stops the
 # dockerd it started. Timings (engine, base images, build, run -> /readyz, stop -> exit) and the
@@ -36,6 +40,7 @@ VOLUME=scl-smoke-data
 PROJECT=streamclsmoke
 METRICS_PORT=19100
 PROM_PORT=19090
+SERVE_PORT=18000
 export DOCKER_BUILDKIT=0            # the classic builder: no buildx here, no BuildKit syntax
 export DEBIAN_FRONTEND=noninteractive
 mkdir -p "$W"
@@ -309,7 +314,8 @@ t=$(date +%s)
 # generated with the image's Python (PyYAML is a dependency of the project, not of this host)
 docker run --rm -v "$REPO/deploy:/deploy:ro" --entrypoint python "$IMAGE" \
     /deploy/local_compose.py /deploy/compose.yaml --image "$IMAGE" --base "$REPO/deploy" \
-    --prometheus-port "$PROM_PORT" --metrics-port "$METRICS_PORT" >"$W/compose.local.yaml"
+    --prometheus-port "$PROM_PORT" --metrics-port "$METRICS_PORT" --serve-port "$SERVE_PORT" \
+    >"$W/compose.local.yaml"
 compose=(docker-compose -p "$PROJECT" -f "$W/compose.local.yaml")
 if "${compose[@]}" up -d >"$W/compose.log" 2>&1; then
     ok "compose stack up (deploy/compose.yaml, local images; $(elapsed "$t") s)"
@@ -318,7 +324,7 @@ else
     tail -20 "$W/compose.log"
 fi
 healthy() {
-    for s in kafka trainer prometheus; do
+    for s in kafka trainer serve prometheus; do
         id=$("${compose[@]}" ps -q "$s")
         state=$(docker inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' "$id")
         [ "$state" = healthy ] || [ "$state" = running ] || return 1
@@ -326,8 +332,23 @@ healthy() {
     done
     return 0
 }
-if wait_for 240 healthy; then ok "broker and trainer healthy, Prometheus running"
-else fail "stack not healthy: $("${compose[@]}" ps 2>&1 | tail -6)"; fi
+if wait_for 240 healthy; then ok "broker, trainer and inference server healthy, Prometheus running"
+else fail "stack not healthy: $("${compose[@]}" ps 2>&1 | tail -7)"; fi
+# the inference server: not ready until the trainer publishes its first version, then ready
+SERVE="http://127.0.0.1:$SERVE_PORT"
+t=$(date +%s)
+early=$(curl -sS -o /dev/null -w '%{http_code}' --max-time 5 "$SERVE/v2/health/ready" 2>/dev/null)
+note "inference server /v2/health/ready: HTTP ${early:-none} (trainer's production version" \
+    "$(metric streamcl_production_version))"
+if wait_for 240 http_ok "$SERVE/v2/health/ready"; then
+    served=$(curl -fsS --max-time 5 "$SERVE/v2/models/streamcl" |
+        python3 -c 'import json, sys; print(json.load(sys.stdin)["parameters"]["version"])')
+    ok "inference server /v2/health/ready 200 $(elapsed "$t") s later: serving version" \
+        "${served:-?} (trainer's production version $(metric streamcl_production_version))"
+else
+    fail "inference server not ready: $(curl -sS --max-time 5 "$SERVE/v2/health/ready" 2>&1)"
+    docker logs --tail 20 "$("${compose[@]}" ps -q serve)" 2>&1 | sed 's/^/     /'
+fi
 produced_ok() {  # the producer container exited 0
     id=$("${compose[@]}" ps -q producer)
     [ "$(docker inspect -f '{{.State.Status}} {{.State.ExitCode}}' "$id")" = "exited 0" ]
@@ -351,6 +372,42 @@ rules=$(curl -fsS "http://127.0.0.1:$PROM_PORT/api/v1/rules" |
         python3 -c 'import json, sys; print(sum(len(g["rules"]) for g in json.load(sys.stdin)["data"]["groups"]))')
 if [ "${rules:-0}" -gt 0 ]; then ok "Prometheus loaded $rules alert rules"
 else fail "Prometheus loaded no alert rules"; fi
+
+# the inference server answers, is scraped, drains
+# an inference request for the input shape the model's metadata gives (-1: a batch of one)
+request=$(curl -fsS --max-time 5 "$SERVE/v2/models/streamcl" | python3 -c 'import json, math, sys
+[x] = json.load(sys.stdin)["inputs"]
+shape = [1 if d == -1 else d for d in x["shape"]]
+print(json.dumps({"inputs": [{"name": x["name"], "shape": shape, "datatype": x["datatype"],
+                              "data": [0.5] * math.prod(shape)}]}))' 2>/dev/null)
+status=$(curl -sS --max-time 10 -o "$W/infer.json" -w '%{http_code}' \
+    -H 'Content-Type: application/json' --data "${request:-no request}" \
+    "$SERVE/v2/models/streamcl/infer" 2>/dev/null)
+label=$(python3 -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+[label] = [o["data"] for o in r["outputs"] if o["name"] == "label"]
+assert len(label) == 1 and isinstance(label[0], int)
+print("label %d from version %s" % (label[0], r["model_version"]))' "$W/infer.json" 2>/dev/null)
+if [ "$status" = 200 ] && [ -n "$label" ]; then
+    ok "inference server answers POST /v2/models/streamcl/infer with 200: $label"
+else
+    fail "inference: HTTP ${status:-none}: $(head -c 300 "$W/infer.json" 2>/dev/null)"
+fi
+served_in_prometheus() {
+    curl -fsS --max-time 5 "http://127.0.0.1:$PROM_PORT/api/v1/query" \
+        --data-urlencode 'query=sum(streamcl_serve_requests_total{job="streamcl-serve",outcome="ok"})' |
+        python3 -c 'import json, sys
+r = json.load(sys.stdin)["data"]["result"]
+sys.exit(0 if r and float(r[0]["value"][1]) > 0 else 1)'
+}
+if wait_for 60 served_in_prometheus; then
+    ok "Prometheus scrapes the inference server: streamcl_serve_requests_total{outcome=\"ok\"} > 0"
+else fail "Prometheus has no streamcl_serve_requests_total from the inference server"; fi
+t=$(date +%s)
+"${compose[@]}" stop -t 30 serve >/dev/null 2>&1
+code=$(docker inspect -f '{{.State.ExitCode}}' "$("${compose[@]}" ps -q serve)")
+if [ "$code" = 0 ]; then ok "docker stop drains the inference server to exit code 0 ($(elapsed "$t") s)"
+else fail "inference server stop: exit code $code"; fi
 
 summary
 [ "$FAILED" = 0 ]

@@ -1,8 +1,9 @@
 """The deployment files (Dockerfile, deploy/compose.yaml, deploy/k8s, their variants for N
 data-parallel replicas, Prometheus, Grafana) are valid and agree with the code: every
 STREAMCL_* variable is a setting, every command line parses with the real CLI, every metric a
-dashboard or an alert uses is one the service exports (checked against a live
-``streamcl run``), and the alert rules fire when they should.
+dashboard or an alert uses is one the trainer or the inference server exports (checked against
+a live ``streamcl run`` and a live ``streamcl serve``), the server's probes are its v2 health
+endpoints on its port, and the alert rules fire when they should.
 
 The checks use the real tools: promtool (config, rules and rule unit tests), hadolint, PyYAML,
 the CLI's own argparse parser, the service's own settings model, and kustomize (kubectl's) to
@@ -12,6 +13,7 @@ engine, which CI does not have; everything the build depends on is checked stati
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -34,7 +36,8 @@ from typing import Any
 import pytest
 import yaml
 
-from streamcl.cli import UsageError, build_parser
+from streamcl import healthcheck
+from streamcl.cli import UsageError, build_parser, serve_settings
 from streamcl.settings import Settings, env_name, sections
 from streamcl.strategies import STRATEGIES
 
@@ -55,6 +58,14 @@ ALERT_TESTS = Path(__file__).with_name("alerts_test.yml")
 SETTING_VARS = {env_name(section, name) for section, model in sections().items()
                 for name in model.model_fields}
 STREAMCL_IMAGE = "streamcl:latest"
+#: the inference server (`streamcl serve`): its compose service, its k8s component label, the
+#: Prometheus job its alerts select (compose's scrape job, the k8s Service's name), the prefix
+#: of its metrics (streamcl.metrics.serving), and the Open Inference Protocol's health paths
+SERVE_SERVICE = "serve"
+SERVE_COMPONENT = "serve"
+SERVE_JOB = "streamcl-serve"
+SERVE_PREFIX = "streamcl_serve_"
+LIVE_PATH, READY_PATH = "/v2/health/live", "/v2/health/ready"
 #: How long `streamcl run` may take to answer: importing torch, starting the embedded broker,
 #: recovering (nothing to recover here), joining the consumer group. It takes a few seconds.
 SERVICE_START_S = 60.0
@@ -74,15 +85,44 @@ def yaml_doc(path: Path) -> dict[str, Any]:
     return docs[0]
 
 
-def k8s_manifests() -> dict[str, dict[str, Any]]:
-    """``kind`` -> manifest, for every document under deploy/k8s (kustomization excluded)."""
+def k8s_docs() -> list[dict[str, Any]]:
+    """Every document under deploy/k8s (kustomization excluded), with its ``_file``."""
+    return [doc | {"_file": path.name} for path in sorted(K8S.glob("*.yaml"))
+            for doc in yaml_docs(path) if doc and doc.get("kind") != "Kustomization"]
+
+
+def component(doc: dict[str, Any]) -> str | None:
+    return doc["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
+def k8s_manifests(of: str = "trainer") -> dict[str, dict[str, Any]]:
+    """``kind`` -> manifest, for the documents under deploy/k8s of one component: the trainer's
+    (ConfigMap, PersistentVolumeClaim, Deployment, Service, ServiceMonitor) by default, or the
+    inference server's (``SERVE_COMPONENT``: Deployment, Service, ServiceMonitor)."""
     out: dict[str, dict[str, Any]] = {}
-    for path in sorted(K8S.glob("*.yaml")):
-        for doc in yaml_docs(path):
-            if doc and doc.get("kind") != "Kustomization":
-                assert doc["kind"] not in out, f"two {doc['kind']} manifests"
-                out[doc["kind"]] = doc | {"_file": path.name}
+    for doc in k8s_docs():
+        assert component(doc) in ("trainer", SERVE_COMPONENT), (doc["_file"], doc["kind"])
+        if component(doc) == of:
+            assert doc["kind"] not in out, f"two {doc['kind']} manifests of {of}"
+            out[doc["kind"]] = doc
     return out
+
+
+def serve_container() -> tuple[dict[str, Any], dict[str, Any], argparse.Namespace]:
+    """The k8s Deployment of the inference server, its container, and its parsed args."""
+    dep = k8s_manifests(SERVE_COMPONENT)["Deployment"]
+    [container] = dep["spec"]["template"]["spec"]["containers"]
+    args = parse_cli(container["args"], "deploy/k8s/serve-deployment.yaml")
+    assert args.command == "serve"
+    return dep, container, args
+
+
+def compose_serve() -> tuple[dict[str, Any], argparse.Namespace]:
+    """The compose service of the inference server and its parsed command."""
+    svc = compose()["services"][SERVE_SERVICE]
+    args = parse_cli(svc["command"], f"compose service {SERVE_SERVICE}")
+    assert args.command == "serve"
+    return svc, args
 
 
 def compose() -> dict[str, Any]:
@@ -234,6 +274,28 @@ def test_the_alerts_the_issue_asks_for_exist() -> None:
     assert any("increase(streamcl_nonfinite_loss_total[" in e for e in exprs.values())
     assert any(re.search(r"\bup\{[^}]*\} == 0", e) for e in exprs.values()), "trainer down"
     assert any(e.startswith("absent(up{") for e in exprs.values()), "trainer absent"
+    # the inference server: down, no model although production has one, failing, refusing
+    assert any(f'up{{job="{SERVE_JOB}"}} == 0' in e for e in exprs.values()), "server down"
+    assert any("streamcl_serve_ready == 0" in e and "streamcl_production_version" in e
+               for e in exprs.values()), "no model served (once production has a version)"
+    assert any("rate(streamcl_serve_requests_total{outcome" in e
+               and "/ sum by (job, instance) (rate(streamcl_serve_requests_total[" in e
+               for e in exprs.values()), "the servers' failure ratio"
+    assert any("increase(streamcl_serve_refused_versions_total[" in e for e in exprs.values())
+
+
+def test_serving_errors_alert_counts_server_failures_only() -> None:
+    """The failure ratio's outcomes are the server's (503 unavailable, 500 error), never the
+    client's mistakes: every outcome the server counts is excluded by name or is a server
+    failure (an outcome added later is counted as a failure until it is excluded here)."""
+    from streamcl.metrics.serving import OUTCOMES
+
+    [rule] = [r for r in alert_rules() if r["alert"] == "StreamclServeErrors"]
+    excluded = re.search(r'outcome!~"([^"]+)"', rule["expr"])
+    assert excluded, rule["expr"]
+    client = set(excluded.group(1).split("|"))
+    assert client == {"ok", "bad_request", "not_found", "too_large"} and client < set(OUTCOMES)
+    assert set(OUTCOMES) - client == {"unavailable", "error"}, OUTCOMES
 
 
 def test_alert_rules_fire_on_their_situation_and_not_on_look_alikes(promtool: str,
@@ -262,8 +324,9 @@ def test_alert_rules_fire_on_their_situation_and_not_on_look_alikes(promtool: st
 def k8s_env_names() -> set[str]:
     m = k8s_manifests()
     names = set(m["ConfigMap"]["data"])
-    for container in m["Deployment"]["spec"]["template"]["spec"]["containers"]:
-        names |= {e["name"] for e in container.get("env", [])}
+    for dep in (m["Deployment"], k8s_manifests(SERVE_COMPONENT)["Deployment"]):
+        for container in dep["spec"]["template"]["spec"]["containers"]:
+            names |= {e["name"] for e in container.get("env", [])}
     return names
 
 
@@ -324,7 +387,7 @@ def test_every_compose_command_line_parses_with_the_cli() -> None:
     commands = {}
     for service, args in lines:
         commands[args[0] if args else "?"] = parse_cli(args, f"compose service {service}")
-    assert {"run", "datasets", "produce"} <= set(commands), lines
+    assert {"run", "datasets", "produce", "serve"} <= set(commands), lines
 
 
 def test_the_producer_feeds_the_trainer(tmp_path: Path) -> None:
@@ -349,9 +412,11 @@ def test_the_image_and_k8s_commands_parse_with_the_cli() -> None:
     stage = dict(runtime_stage())
     assert json.loads(stage["ENTRYPOINT"]) == ["streamcl"]
     parse_cli(json.loads(stage["CMD"]), "Dockerfile CMD")
-    for container in k8s_manifests()["Deployment"]["spec"]["template"]["spec"]["containers"]:
-        assert container.get("command") is None, "k8s must keep the image's entrypoint"
-        parse_cli(container.get("args", ["run"]), "deploy/k8s/deployment.yaml")
+    for of in ("trainer", SERVE_COMPONENT):
+        dep = k8s_manifests(of)["Deployment"]
+        for container in dep["spec"]["template"]["spec"]["containers"]:
+            assert container.get("command") is None, "k8s must keep the image's entrypoint"
+            parse_cli(container.get("args", ["run"]), f"deploy/k8s/{dep['_file']}")
 
 
 # -- Dockerfile ---------------------------------------------------------------------------------
@@ -381,9 +446,9 @@ def test_dockerfile_contract() -> None:
     keys = [k for k, _ in stage]
     run = dict(stage)
     assert run["USER"].split(":")[0] == "10001"
-    assert run["EXPOSE"] == "9100" == dockerfile_env()["STREAMCL_METRICS__PORT"]
+    assert run["EXPOSE"].split() == [dockerfile_env()["STREAMCL_METRICS__PORT"], "8000"]
     assert run["VOLUME"] == "/data"
-    assert "/healthz" in run["HEALTHCHECK"] and "STREAMCL_METRICS__PORT" in run["HEALTHCHECK"]
+    assert run["HEALTHCHECK"].endswith('CMD ["python", "-m", "streamcl.healthcheck"]')
     assert "COPY" in keys and "--from=builder" in run["COPY"]
     assert keys.index("USER") > keys.index("RUN"), "drop root only after the setup"
     assert any(k == "LABEL" for k in keys)
@@ -447,6 +512,48 @@ def test_compose_wiring() -> None:
     assert job["scrape_interval"] == "5s"
 
 
+def test_compose_serve_follows_the_trainer() -> None:
+    """The inference server: the trainer's image with the `serve` command, reading the
+    trainer's registry on the trainer's volume (read-only), following the trainer's Kafka and
+    name, publishing its --port, with a liveness healthcheck (the image's own probes the
+    trainer's metrics port) and the trainer's restart policy; Prometheus scrapes it."""
+    c = compose()
+    services = c["services"]
+    svc, args = compose_serve()
+    trainer = services["trainer"]
+    env = compose_env(trainer)
+    assert svc["image"] == trainer["image"] == STREAMCL_IMAGE
+    assert svc["build"] == trainer["build"], "the same image, built the same way"
+    assert "entrypoint" not in svc, "the image's `streamcl` entrypoint runs `serve`"
+    assert args.registry_location == env["STREAMCL_PUBLICATION__REGISTRY"]
+    assert args.name == env["STREAMCL_JOURNAL__NAME"]
+    assert args.bootstrap == env["STREAMCL_KAFKA__BOOTSTRAP_SERVERS"]
+    assert args.alias == "production" and args.host == "0.0.0.0"
+
+    [trainer_data] = [v.split(":")[0] for v in trainer["volumes"] if v.split(":")[1] == "/data"]
+    [mount] = svc["volumes"]
+    source, target, mode = mount.split(":")
+    assert (source, mode) == (trainer_data, "ro"), "the trainer's volume, read-only"
+    assert args.registry_location.startswith(target.rstrip("/") + "/")
+
+    assert svc["ports"] == [f"{args.port}:{args.port}"]
+    # the image's own healthcheck, which probes serve's liveness on the command's --port
+    assert "healthcheck" not in svc
+    assert healthcheck.target([b"streamcl", *map(str.encode, svc["command"])], {}) == \
+        f"http://127.0.0.1:{args.port}{LIVE_PATH}"
+
+    assert svc["restart"] == trainer["restart"] == "unless-stopped"
+    assert svc["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert "trainer" in svc["depends_on"]
+    assert SERVE_SERVICE in services["prometheus"]["depends_on"]
+    scrape = yaml_doc(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"]
+    [job] = [j for j in scrape if f"{SERVE_SERVICE}:{args.port}" in
+             [t for s in j["static_configs"] for t in s["targets"]]]
+    assert job["job_name"] == SERVE_JOB, "the serving alerts select this job"
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    assert job["scrape_interval"] == "5s"
+
+
 # -- Kubernetes ---------------------------------------------------------------------------------
 
 def test_kustomization_lists_the_manifests() -> None:
@@ -498,12 +605,102 @@ def test_k8s_manifests_agree_with_each_other_and_the_image() -> None:
     for key in ("STREAMCL_SNAPSHOTS__DIR", "STREAMCL_PUBLICATION__REGISTRY"):
         assert cm["data"][key].startswith("/data/"), key
 
-    monitor = yaml_doc(K8S / "servicemonitor.yaml")
+    monitor = m["ServiceMonitor"]
+    assert monitor["_file"] == "servicemonitor.yaml"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= \
         svc["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] == service_port["name"]
     # the alert rules select job="streamcl": the ServiceMonitor's job is the Service's name
     assert svc["metadata"]["name"] == "streamcl"
+
+
+def test_k8s_serve_runs_the_trainers_image_on_the_trainers_registry(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's Deployment: the trainer's image, ConfigMap and Secret; its settings resolve
+    (as `streamcl serve` resolves them) to the trainer's registry, name and Kafka; the
+    registry's volume is the trainer's claim, mounted read-only, on the trainer's node when the
+    claim is ReadWriteOnce; the trainer's security settings."""
+    trainer = k8s_manifests()
+    dep, container, args = serve_container()
+    trainer_pod = trainer["Deployment"]["spec"]["template"]
+    [tc] = trainer_pod["spec"]["containers"]
+    assert container["image"] == tc["image"] and container["envFrom"] == tc["envFrom"]
+    assert container["env"] == tc["env"], "the trainer's Kafka credentials"
+
+    cm = trainer["ConfigMap"]["data"]
+    image_env = {k: v for k, v in dockerfile_env().items() if k.startswith("STREAMCL_")}
+    _settings_from_env(monkeypatch, image_env | cm)
+    registry, name, bootstrap, _ = serve_settings(args)  # what cmd_serve resolves
+    assert registry == cm["STREAMCL_PUBLICATION__REGISTRY"]
+    assert name == cm["STREAMCL_JOURNAL__NAME"]
+    assert bootstrap == cm["STREAMCL_KAFKA__BOOTSTRAP_SERVERS"]
+
+    pod = dep["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [mount] = [m for m in container["volumeMounts"]
+               if registry.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mount["readOnly"] is True, "the server only reads the registry"
+    pvc = trainer["PersistentVolumeClaim"]
+    assert volumes[mount["name"]]["persistentVolumeClaim"] == {
+        "claimName": pvc["metadata"]["name"], "readOnly": True}
+    if "ReadWriteOnce" in pvc["spec"]["accessModes"]:  # mountable on the trainer's node only
+        [term] = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        assert term["labelSelector"]["matchLabels"].items() <= \
+            trainer_pod["metadata"]["labels"].items()
+    tmp = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/tmp")
+    assert "emptyDir" in volumes[tmp], "a writable /tmp beside the read-only root"
+
+    assert pod["securityContext"] == trainer_pod["spec"]["securityContext"]
+    assert container["securityContext"] == tc["securityContext"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert container["imagePullPolicy"] == tc["imagePullPolicy"]
+
+
+def test_k8s_serve_probes_are_the_v2_health_endpoints_on_its_port() -> None:
+    """Readiness on /v2/health/ready, liveness and startup on /v2/health/live, all on the port
+    `serve --port` listens on; the Service, the scrape annotations and the ServiceMonitor use
+    that port too, and select the servers only."""
+    dep, container, args = serve_container()
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert list(ports.values()) == [args.port]
+    for probe, path in (("readinessProbe", READY_PATH), ("livenessProbe", LIVE_PATH),
+                        ("startupProbe", LIVE_PATH)):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path, probe
+        assert ports.get(get["port"], get["port"]) == args.port, probe
+        assert get.get("scheme", "HTTP") == "HTTP", probe
+    assert container["startupProbe"]["failureThreshold"] * \
+        container["startupProbe"]["periodSeconds"] >= 120, "importing torch takes a while"
+
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert pod["metadata"]["annotations"] == {"prometheus.io/scrape": "true",
+                                              "prometheus.io/port": str(args.port),
+                                              "prometheus.io/path": "/metrics"}
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+
+    serve, trainer = k8s_manifests(SERVE_COMPONENT), k8s_manifests()
+    svc = serve["Service"]
+    assert svc["metadata"]["name"] == SERVE_JOB, "the ServiceMonitor's job is the Service's name"
+    assert svc["spec"]["selector"].items() <= labels.items()
+    trainer_labels = trainer["Deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert not svc["spec"]["selector"].items() <= trainer_labels.items()
+    assert not trainer["Service"]["spec"]["selector"].items() <= labels.items()
+    [service_port] = svc["spec"]["ports"]
+    assert service_port["port"] == args.port
+    assert ports.get(service_port["targetPort"], service_port["targetPort"]) == args.port
+
+    monitor = serve["ServiceMonitor"]
+    assert monitor["_file"] == "servicemonitor.yaml"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= svc["metadata"]["labels"].items()
+    assert not selector.items() <= trainer["Service"]["metadata"]["labels"].items()
+    assert not trainer["ServiceMonitor"]["spec"]["selector"]["matchLabels"].items() <= \
+        svc["metadata"]["labels"].items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert endpoint["port"] == service_port["name"] and endpoint["path"] == "/metrics"
 
 
 # -- Grafana ------------------------------------------------------------------------------------
@@ -578,7 +775,68 @@ def test_dashboard_is_a_valid_grafana_dashboard() -> None:
 
 
 _GRAFANA_VARIABLES = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h",
-                      "__range_s": "3600", "__interval_ms": "15000", "instance": ".*"}
+                      "__range_s": "3600", "__interval_ms": "15000", "instance": ".*",
+                      "server": ".*"}
+
+
+def serving_row() -> list[dict[str, Any]]:
+    """The panels of the dashboard's "Serving" row: those below its row panel and above the
+    next row (rows are not collapsed, so their panels follow them in the top-level list)."""
+    panels = dashboard()["panels"]
+    [start] = [i for i, p in enumerate(panels) if p["type"] == "row" and p["title"] == "Serving"]
+    assert not panels[start]["collapsed"] and not panels[start]["panels"]
+    out = []
+    for p in panels[start + 1:]:
+        if p["type"] == "row":
+            break
+        assert p["gridPos"]["y"] > panels[start]["gridPos"]["y"], p["title"]
+        out.append(p)
+    return out
+
+
+def test_dashboard_has_a_serving_row() -> None:
+    """The inference servers' row: request rate by version and outcome, latency p50/p99, batch
+    size, the version served and its age, predicted classes, swaps, refused versions and swap
+    latency, each filtered by the `server` variable (the servers' instances, not the
+    trainers')."""
+    row = serving_row()
+    assert len(row) >= 6
+    exprs = []
+    for p in row:
+        for target in p["targets"]:
+            expr = " ".join(target["expr"].split())
+            names = _METRIC.findall(expr)
+            assert names and all(n.startswith(SERVE_PREFIX) for n in names), (p["title"], expr)
+            for selector in re.findall(r"streamcl_serve_\w+(\{[^}]*\})?", expr):
+                assert 'instance=~"$server"' in selector, (p["title"], expr)
+            exprs.append(expr)
+    every = " ; ".join(exprs)
+
+    def has(pattern: str) -> bool:
+        return re.search(pattern, every) is not None
+
+    assert has(r"sum by \(version, outcome\) \(rate\(streamcl_serve_requests_total\{")
+    for q in ("0.5", "0.99"):
+        assert has(rf"histogram_quantile\({q}, sum by \(le\) \(rate\("
+                   r"streamcl_serve_request_duration_seconds_bucket\{"), q
+        assert has(rf"histogram_quantile\({q}, sum by \(le\) \(rate\("
+                   r"streamcl_serve_swap_latency_seconds_bucket\{"), q
+    assert has(r"sum\(rate\(streamcl_serve_batch_size_sum\{[^}]*\}\[\$__rate_interval\]\)\) / "
+               r"sum\(rate\(streamcl_serve_batch_size_count\{"), "mean samples per call"
+    assert has(r"streamcl_serve_model_version\{") and has(r"streamcl_serve_model_age_seconds\{")
+    assert has(r"sum by \(label\) \(rate\(streamcl_serve_predictions_total\{")
+    assert has(r"increase\(streamcl_serve_swaps_total\{")
+    assert has(r"increase\(streamcl_serve_refused_versions_total\{")
+    assert has(r"streamcl_serve_ready\{")
+
+    [server] = [v for v in dashboard()["templating"]["list"] if v["name"] == "server"]
+    assert server["query"]["query"] == "label_values(streamcl_serve_ready, instance)"
+    assert server["includeAll"] and server["allValue"] == ".*"
+    assert server["datasource"]["uid"] == provisioned_uid()
+    # and no trainer panel is filtered by the servers' variable
+    for p in dashboard_panels():
+        if p not in row:
+            assert "$server" not in json.dumps(p.get("targets", [])), p["title"]
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -617,19 +875,45 @@ def test_dashboard_queries_are_valid_promql(promtool: str, tmp_path: Path) -> No
 _METRIC = re.compile(r"(?<![A-Za-z0-9_])streamcl_[a-z0-9_]*[a-z0-9]")
 
 
-def referenced_metrics() -> dict[str, set[str]]:
+def _of(names: set[str], exporter: str | None) -> set[str]:
+    """The names of one exporter: the inference server's (``streamcl_serve_*``, exporter
+    "serve"), the trainer's (the rest, "trainer"), or all (None)."""
+    if exporter is None:
+        return names
+    return {n for n in names if n.startswith(SERVE_PREFIX) == (exporter == "serve")}
+
+
+def referenced_metrics(exporter: str | None = None) -> dict[str, set[str]]:
     """Every ``streamcl_*`` name in a query of the dashboard (panels, annotations, variables)
-    or in an alert rule's expression: these must be full exposition names."""
+    or in an alert rule's expression: these must be full exposition names. ``exporter``: only
+    the server's or the trainer's (see :func:`_of`)."""
     alert_exprs = " ".join(r["expr"] for r in alert_rules())
     return {"deploy/grafana/dashboards/streamcl.json":
-            {n for _, expr in dashboard_queries() for n in _METRIC.findall(expr)},
-            "deploy/prometheus/alerts.yml": set(_METRIC.findall(alert_exprs))}
+            _of({n for _, expr in dashboard_queries() for n in _METRIC.findall(expr)}, exporter),
+            "deploy/prometheus/alerts.yml": _of(set(_METRIC.findall(alert_exprs)), exporter)}
 
 
-def mentioned_metrics() -> dict[str, set[str]]:
+def mentioned_metrics(exporter: str | None = None) -> dict[str, set[str]]:
     """Every ``streamcl_*`` name anywhere in the files, prose (descriptions, annotations)
     included, where a histogram may be named by its family (``streamcl_snapshot_seconds``)."""
-    return {path.name: set(_METRIC.findall(path.read_text())) for path in (DASHBOARD, ALERTS)}
+    return {path.name: _of(set(_METRIC.findall(path.read_text())), exporter)
+            for path in (DASHBOARD, ALERTS)}
+
+
+def serving_families(gen_reference: ModuleType) -> list[dict[str, Any]]:
+    """What a fresh :class:`ServingMetrics` (the inference server's) exposes, as
+    ``gen_reference.metric_families()`` gives the trainer's ServiceMetrics."""
+    from streamcl.metrics.serving import ServingMetrics
+
+    return gen_reference.metric_families(ServingMetrics())
+
+
+def all_families(gen_reference: ModuleType) -> list[dict[str, Any]]:
+    """The trainer's and the inference server's metric families: apart by name prefix."""
+    trainer, serving = gen_reference.metric_families(), serving_families(gen_reference)
+    assert serving and all(f["name"].startswith(SERVE_PREFIX) for f in serving)
+    assert not [f["name"] for f in trainer if f["name"].startswith(SERVE_PREFIX)]
+    return trainer + serving
 
 
 def exposed_names(families: list[dict[str, Any]]) -> set[str]:
@@ -639,29 +923,35 @@ def exposed_names(families: list[dict[str, Any]]) -> set[str]:
     return {name for f in families for name in f["samples"]}
 
 
-def assert_all_exposed(families: list[dict[str, Any]], source: str) -> None:
+def assert_all_exposed(families: list[dict[str, Any]], source: str,
+                       exporter: str | None = None) -> None:
+    """Every name the dashboard and the alerts use (of ``exporter``, see :func:`_of`) is one
+    ``families`` expose."""
     exposed = exposed_names(families)
     assert len(exposed) > 20, f"{source}: suspiciously few metrics: {sorted(exposed)}"
-    for where, names in referenced_metrics().items():
-        assert len(names) >= 5, f"too few streamcl_ metrics found in {where}: {names}"
+    for where, names in referenced_metrics(exporter).items():
+        assert len(names) >= (3 if exporter == "serve" else 5), (
+            f"too few streamcl_ metrics found in {where}: {names}")
         missing = names - exposed
         assert not missing, (f"{where} queries {sorted(missing)}, which {source} does not "
                              f"expose; exposed: {sorted(exposed)}")
     histograms = {f["name"] for f in families if f["type"] == "histogram"}
-    for where, names in mentioned_metrics().items():
+    for where, names in mentioned_metrics(exporter).items():
         missing = names - exposed - histograms
         assert not missing, f"{where} mentions {sorted(missing)}, unknown to {source}"
 
 
 def test_dashboard_and_alerts_use_only_exported_metric_names(gen_reference: ModuleType
                                                              ) -> None:
-    assert_all_exposed(gen_reference.metric_families(), "a fresh ServiceMetrics")
+    assert_all_exposed(all_families(gen_reference), "a fresh ServiceMetrics and ServingMetrics")
+    assert_all_exposed(gen_reference.metric_families(), "a fresh ServiceMetrics", "trainer")
+    assert_all_exposed(serving_families(gen_reference), "a fresh ServingMetrics", "serve")
 
 
 def test_every_exported_metric_is_on_the_dashboard(gen_reference: ModuleType) -> None:
     """A metric nobody charts is one nobody looks at: a new metric needs a panel."""
     on_dashboard = referenced_metrics()["deploy/grafana/dashboards/streamcl.json"]
-    for family in gen_reference.metric_families():
+    for family in all_families(gen_reference):
         shown = [n for n in family["samples"] if not n.endswith("_created")]
         assert set(shown) & on_dashboard, f"{family['name']} is on no dashboard panel"
 
@@ -673,15 +963,25 @@ def _free_port() -> int:
 
 
 class LiveService:
-    """`streamcl run` in a subprocess on the embedded broker, with its metrics on ``port``."""
+    """`streamcl run` in a subprocess on the embedded broker, with its metrics on ``port`` (or
+    another streamcl command: ``what`` names it, ``serves`` says what it must answer where)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path,
+                 what: str = "`streamcl run`",
+                 serves: str = "/metrics, /healthz and /readyz on STREAMCL_METRICS__PORT"
+                 ) -> None:
         self.proc, self.port, self.log = proc, port, log
+        self.what, self.serves = what, serves
         self.failure: str | None = None  # once it failed to come up, later tests fail at once
 
-    def get(self, path: str, accept: str = "") -> tuple[int, bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}",
-                                         headers={"Accept": accept} if accept else {})
+    def get(self, path: str, accept: str = "", data: bytes | None = None) -> tuple[int, bytes]:
+        """Status and body of a GET (a POST of ``data``, as JSON): an error status is returned,
+        not raised."""
+        headers = {"Accept": accept} if accept else {}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data,
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=5) as resp:
                 return resp.status, resp.read()
@@ -696,7 +996,7 @@ class LiveService:
         last: str = "no answer"
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self.failure = (f"`streamcl run` exited with {self.proc.returncode} before "
+                self.failure = (f"{self.what} exited with {self.proc.returncode} before "
                                 f"{path} answered {status}; its output:\n{self.output()}")
                 pytest.fail(self.failure)
             try:
@@ -707,10 +1007,9 @@ class LiveService:
             except OSError as exc:  # not listening yet
                 last = repr(exc)
             time.sleep(POLL_S)
-        self.failure = (f"`streamcl run` did not answer {status} on http://127.0.0.1:"
-                        f"{self.port}{path} within {SERVICE_START_S:.0f} s (last: {last}). The "
-                        "service must serve /metrics, /healthz and /readyz on "
-                        f"STREAMCL_METRICS__PORT; its output:\n{self.output()}")
+        self.failure = (f"{self.what} did not answer {status} on http://127.0.0.1:"
+                        f"{self.port}{path} within {SERVICE_START_S:.0f} s (last: {last}). It "
+                        f"must serve {self.serves}; its output:\n{self.output()}")
         pytest.fail(self.failure)
 
     def output(self) -> str:
@@ -754,13 +1053,109 @@ def test_live_service_exports_every_metric_the_dashboard_and_alerts_use(
         live_service: LiveService, gen_reference: ModuleType) -> None:
     body = live_service.wait_for("/metrics", accept=OPENMETRICS)
     families = gen_reference.parse_families(body.decode())
-    assert_all_exposed(families, "a live `streamcl run` /metrics")
+    assert_all_exposed(families, "a live `streamcl run` /metrics", "trainer")
 
 
 def test_live_service_answers_the_probes_the_deployments_use(live_service: LiveService) -> None:
     """Docker's HEALTHCHECK and the k8s liveness probe hit /healthz, readiness /readyz."""
     assert json.loads(live_service.wait_for("/healthz")) == {"status": "ok"}
     assert json.loads(live_service.wait_for("/readyz"))["status"] == "ready"
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # drain and exit
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveService]:
+    """`streamcl serve` in a subprocess on an empty registry (``live_server.registry``),
+    polling its alias (no Kafka), on ``port``."""
+    tmp = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMCL_")}
+    env["OMP_NUM_THREADS"] = "1"
+    log = tmp / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "streamcl.cli", "serve", "--registry",
+                                 str(tmp / "registry"), "--name", "deploy", "--host",
+                                 "127.0.0.1", "--port", str(port), "--poll-s", "0.2"],
+                                env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    server = LiveService(proc, port, log, what="`streamcl serve`",
+                         serves=f"{LIVE_PATH}, {READY_PATH} and /metrics on --port")
+    server.registry = tmp / "registry"  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        _stop(proc)
+
+
+def _publish_small_model(registry: Path) -> dict[str, Any]:
+    """A real export of a trainer that saw a few batches of digits (64 features), published
+    as production, as the trainer service publishes."""
+    import torch
+
+    from streamcl.data import digits
+    from streamcl.registry import ModelRegistry, export_model
+    from streamcl.trainer import OnlineTrainer, TrainerConfig
+
+    train, _ = digits()
+    trainer = OnlineTrainer(TrainerConfig(input_shape=(64,), hidden=(16,), strategy="naive"))
+    for s in range(0, 256, 32):
+        trainer.step(torch.from_numpy(train.x[s:s + 32]), torch.from_numpy(train.y[s:s + 32]))
+    tensors, section = export_model(trainer)
+    return ModelRegistry(registry).publish(tensors, {"model": section}, aliases=["production"])
+
+
+def test_live_server_answers_the_probes_the_deployments_use(
+        live_server: LiveService, gen_reference: ModuleType) -> None:
+    """A real `streamcl serve`: live at once, not ready (400) until the registry has a
+    production version, then ready; the compose healthcheck's own command and the k8s probes'
+    paths get 200 from it; it answers an inference with a label; its /metrics exposes every
+    streamcl_serve_* name the dashboard and the alerts use."""
+    live_server.wait_for(LIVE_PATH)
+    status, body = live_server.get(READY_PATH)
+    assert status == 400 and json.loads(body)["ready"] is False, (status, body)
+
+    manifest = _publish_small_model(live_server.registry)  # type: ignore[attr-defined]
+    assert json.loads(live_server.wait_for(READY_PATH)) == {"ready": True}
+
+    # the image's healthcheck for compose's serve command, pointed at this server's port
+    svc, args = compose_serve()
+    url = healthcheck.target([b"streamcl", *map(str.encode, svc["command"])], {})
+    assert live_server.get(url.split(f":{args.port}", 1)[1])[0] == 200
+    # the k8s probes' paths
+    _, container, _ = serve_container()
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        path = container[probe]["httpGet"]["path"]
+        assert live_server.get(path)[0] == 200, (probe, path)
+
+    # one inference of the shape the model's metadata gives
+    meta = json.loads(live_server.wait_for("/v2/models/deploy"))
+    [tensor] = meta["inputs"]
+    shape = [1 if d == -1 else d for d in tensor["shape"]]
+    n = 1
+    for d in shape:
+        n *= d
+    request = {"inputs": [{"name": tensor["name"], "shape": shape,
+                           "datatype": tensor["datatype"], "data": [0.5] * n}]}
+    status, body = live_server.get("/v2/models/deploy/infer", data=json.dumps(request).encode())
+    assert status == 200, body
+    answer = json.loads(body)
+    assert answer["model_version"] == str(manifest["version"])
+    [label] = [o for o in answer["outputs"] if o["name"] == "label"]
+    assert label["shape"] == [1] and isinstance(label["data"][0], int)
+
+    metrics = live_server.wait_for("/metrics", accept=OPENMETRICS)
+    families = gen_reference.parse_families(metrics.decode())
+    assert_all_exposed(families, "a live `streamcl serve` /metrics", "serve")
+    assert 'streamcl_serve_requests_total{outcome="ok",version="' in metrics.decode()
 
 
 # -- the compose file on Compose v1 and v2, and its local variant --------------------------------
@@ -777,7 +1172,8 @@ def test_compose_file_suits_compose_v1_and_v2() -> None:
 def test_local_compose_replaces_only_the_images_no_registry_gives() -> None:
     proc = subprocess.run([sys.executable, str(DEPLOY / "local_compose.py"), str(COMPOSE),
                            "--image", "streamcl:smoke", "--base", "/srv/deploy",
-                           "--prometheus-port", "19090", "--metrics-port", "19100"],
+                           "--prometheus-port", "19090", "--metrics-port", "19100",
+                           "--serve-port", "18000"],
                           capture_output=True, text=True, check=True, timeout=60)
     local, real = yaml.safe_load(proc.stdout), compose()
     assert set(local["services"]) == set(real["services"]) - {"grafana"}
@@ -787,12 +1183,13 @@ def test_local_compose_replaces_only_the_images_no_registry_gives() -> None:
     prom, real_prom = local["services"]["prometheus"], real["services"]["prometheus"]
     assert prom["image"] == "local/prometheus" and prom["command"] == real_prom["command"]
     assert "/srv/deploy/prometheus:/etc/prometheus:ro" in prom["volumes"]
-    for name in ("trainer", "producer"):
+    for name in ("trainer", "producer", SERVE_SERVICE):
         mine, theirs = local["services"][name], real["services"][name]
         assert mine["image"] == "streamcl:smoke" and "build" not in mine
         for key in set(theirs) - {"image", "build", "ports"}:
             assert mine[key] == theirs[key], (name, key)
     assert local["services"]["trainer"]["ports"] == ["127.0.0.1:19100:9100"]
+    assert local["services"][SERVE_SERVICE]["ports"] == ["127.0.0.1:18000:8000"]
     assert not [k for k in local if k.startswith("x-") or k == "name"]
 
 
@@ -874,6 +1271,19 @@ def test_compose_replicas_form_one_group() -> None:
     assert len(data_volumes) == n, "each rank writes its snapshot shard to its own volume"
     assert len(host_ports) == n
     assert "trainer-data" in [v.split(":")[0] for v in c["services"][rank0]["volumes"]]
+
+
+def test_compose_replicas_leave_the_server_reading_rank_0s_registry() -> None:
+    """Only rank 0 publishes, to the registry on its volume: the server, untouched by the
+    override, reads that volume."""
+    c = compose_replicas()
+    assert c["services"][SERVE_SERVICE] == compose()["services"][SERVE_SERVICE]
+    assert SERVE_SERVICE not in yaml_doc(COMPOSE_REPLICAS)["services"]
+    [source] = [v.split(":")[0] for v in c["services"][SERVE_SERVICE]["volumes"]]
+    rank0 = next(n for n, env in replica_services(c).items() if env["RANK"] == "0")
+    assert source in [v.split(":")[0] for v in c["services"][rank0]["volumes"]]
+    for name in set(replica_services(c)) - {rank0}:
+        assert source not in [v.split(":")[0] for v in c["services"][name]["volumes"]]
 
 
 def test_compose_replicas_settings_are_valid_and_data_parallel(
@@ -993,7 +1403,10 @@ def test_k8s_replicas_replace_the_deployment_and_keep_the_rest() -> None:
 
 def test_k8s_replicas_render_one_statefulset_instead_of_the_deployment(
         k8s_replicas: dict[str, list[dict[str, Any]]]) -> None:
-    assert "Deployment" not in k8s_replicas and "PersistentVolumeClaim" not in k8s_replicas
+    assert "PersistentVolumeClaim" not in k8s_replicas
+    # the trainer's Deployment is gone; the inference server's stays
+    assert [d["metadata"]["name"] for d in k8s_replicas["Deployment"]] == \
+        [k8s_manifests(SERVE_COMPONENT)["Deployment"]["metadata"]["name"]]
     assert len(k8s_replicas["StatefulSet"]) == 1
     base = k8s_manifests()
     [cm] = k8s_replicas["ConfigMap"]
@@ -1040,7 +1453,7 @@ def test_k8s_replicas_group_wiring(k8s_replicas: dict[str, list[dict[str, Any]]]
     # that Service and not the headless one
     metrics = _named(k8s_replicas["Service"], k8s_manifests()["Service"]["metadata"]["name"])
     assert metrics["spec"]["selector"].items() <= labels.items()
-    monitor = yaml_doc(K8S / "servicemonitor.yaml")["spec"]["selector"]["matchLabels"]
+    monitor = k8s_manifests()["ServiceMonitor"]["spec"]["selector"]["matchLabels"]
     assert monitor.items() <= metrics["metadata"]["labels"].items()
     assert not monitor.items() <= headless["metadata"]["labels"].items()
 
@@ -1074,6 +1487,37 @@ def test_k8s_replicas_each_pod_has_its_own_volume_and_the_probes(
     assert pod["metadata"]["annotations"] == base_pod["metadata"]["annotations"]
     assert pod["spec"]["terminationGracePeriodSeconds"] == \
         base_pod["spec"]["terminationGracePeriodSeconds"]
+
+
+def test_k8s_replicas_server_reads_rank_0s_volume(
+        k8s_replicas: dict[str, list[dict[str, Any]]]) -> None:
+    """The base's claim is deleted; the server mounts rank 0's claim of the StatefulSet (the
+    registry is there: only rank 0 publishes), read-only, on rank 0's node. The rest of its
+    Deployment is the base's."""
+    [sts] = k8s_replicas["StatefulSet"]
+    [trainer] = sts["spec"]["template"]["spec"]["containers"]
+    data = next(m["name"] for m in trainer["volumeMounts"] if m["mountPath"] == "/data")
+    rank0_claim = f"{data}-{sts['metadata']['name']}-0"  # <template>-<statefulset>-<ordinal>
+    assert data in {t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]}
+
+    [dep] = k8s_replicas["Deployment"]
+    base = k8s_manifests(SERVE_COMPONENT)["Deployment"]
+    pod, base_pod = dep["spec"]["template"]["spec"], base["spec"]["template"]["spec"]
+    assert pod["containers"] == base_pod["containers"]
+    [container] = pod["containers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/data")
+    assert volumes[mount["name"]]["persistentVolumeClaim"] == {"claimName": rank0_claim,
+                                                               "readOnly": True}
+    claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert claims == [rank0_claim], "the base's claim does not exist here"
+    [term] = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"] == {
+        "matchLabels": {"statefulset.kubernetes.io/pod-name": f"{sts['metadata']['name']}-0"}}
+    for key in set(base_pod) - {"affinity", "volumes"}:
+        assert pod[key] == base_pod[key], key
 
 
 def test_k8s_replicas_settings_are_valid_and_data_parallel(
