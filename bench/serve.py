@@ -33,7 +33,6 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import numpy as np
 import torch

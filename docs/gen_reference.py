@@ -12,7 +12,8 @@ Each section sits between marker comments in README.md, ``<!-- BEGIN name -->`` 
 * ``cli``: every subcommand and option of the argparse parser, :func:`streamcl.cli.build_parser`;
 * ``metrics``: every family a fresh :class:`~streamcl.metrics.prometheus.ServiceMetrics`
   exposes (the exact names dashboards and alert rules must use), with its type, labels and help;
-* ``serve-metrics``: the same for ``streamcl serve``'s :class:`~streamcl.metrics.serving.ServingMetrics`;
+* ``serve-metrics``: the same for ``streamcl serve``'s
+  :class:`~streamcl.metrics.serving.ServingMetrics`;
 * ``strategies``: :data:`streamcl.strategies.STRATEGIES` with their parameters' defaults;
 * ``benchmarks``: the summary, figures and speed sections of ``docs/benchmarks.md`` (written by
   ``bench/suite.py``; the per-stream tables stay there).

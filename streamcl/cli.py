@@ -250,10 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "topic followed (default: the config's, else streamcl)")
     srv.add_argument("--alias", default="production", help="the alias whose version is served")
     srv.add_argument("--bootstrap", help="Kafka bootstrap servers: follow <name>.models "
-                     "announcements (default: the config's with --config; without Kafka the "
-                     "alias is polled)")
-    srv.add_argument("--config", type=Path, help="service settings (YAML): registry, name, "
-                     "Kafka and its security settings")
+                     "announcements (default: the settings' kafka.bootstrap_servers; without "
+                     "Kafka the alias is polled)")
+    srv.add_argument("--config", type=Path, help="the trainer's settings file (YAML): "
+                     "registry, name, Kafka and its security settings; STREAMCL_* variables "
+                     "are read with or without it")
     srv.add_argument("--host", default="0.0.0.0", help="address to listen on")
     srv.add_argument("--port", type=int, default=8000, help="HTTP port")
     srv.add_argument("--max-batch", type=int, default=64,
@@ -659,6 +660,22 @@ def _version_ranges(versions: list[int]) -> str:
                      f"{format_version(r[0])}..{format_version(r[-1])}" for r in runs)
 
 
+def serve_settings(args: argparse.Namespace
+                   ) -> tuple[str, str, str | None, dict[str, Any]]:
+    """Where ``streamcl serve`` finds the registry, the model's name and Kafka (with its
+    security settings): its flags, else the trainer's settings, from ``--config`` and the
+    STREAMCL_* environment as ``streamcl run`` reads them, so a container given the trainer's
+    environment serves the trainer's model with no flag. The learner section, which serving
+    does not use, may be left out. No Kafka configured: the alias is polled."""
+    from streamcl.settings import load_settings
+
+    settings = load_settings(args.config, learner={"input_shape": [1]})
+    return (args.registry_location or settings.publication.registry,
+            args.name or settings.journal.name,
+            args.bootstrap or settings.kafka.bootstrap_servers,
+            settings.kafka.client_config())
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """``streamcl serve``: the inference server (:mod:`streamcl.serve`) in the foreground;
     SIGTERM drains the requests in flight and exits 0."""
@@ -666,7 +683,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from streamcl.registry import ModelRegistry
     from streamcl.serve import InferenceServer
-    from streamcl.settings import JournalSettings, KafkaSettings, PublicationSettings, load_settings
 
     for flag, value, low in (("--max-batch", args.max_batch, 1),
                              ("--keep-versions", args.keep_versions, 1),
@@ -678,14 +694,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         ("--max-body-mb", args.max_body_mb)):
         if not value >= 0 or (flag != "--max-wait-ms" and not value > 0):
             raise UsageError(f"{flag} {value}: must be a positive number")
-    settings = load_settings(args.config) if args.config is not None else None
-    kafka = settings.kafka if settings else KafkaSettings()
-    location = args.registry_location or (settings.publication if settings
-                                          else PublicationSettings()).registry
-    name = args.name or (settings.journal if settings else JournalSettings()).name
-    bootstrap = args.bootstrap or (kafka.bootstrap_servers if settings else None)
+    location, name, bootstrap, client = serve_settings(args)
     server = InferenceServer(ModelRegistry(location), name, alias=args.alias,
-                             bootstrap=bootstrap, client_config=kafka.client_config(),
+                             bootstrap=bootstrap, client_config=client,
                              host=args.host, port=args.port, max_batch=args.max_batch,
                              max_wait_ms=args.max_wait_ms, keep_versions=args.keep_versions,
                              max_body_bytes=int(args.max_body_mb * (1 << 20)),

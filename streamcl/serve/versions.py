@@ -58,11 +58,14 @@ class ServedModels:
         self.metrics = metrics or ServingMetrics()
         self.watcher = ModelWatcher(registry, alias=alias, bootstrap=bootstrap, name=name,
                                     client_config=client_config, poll_s=poll_s,
-                                    on_swap=self._swapped, on_refuse=self._refused)
+                                    on_swap=self._swapped, on_refuse=self._refuse)
         self._loaded: OrderedDict[int, InferenceModel] = OrderedDict()
         self._lock = threading.Lock()   # guards _loaded
         self._load_lock = threading.Lock()  # one load by version number at a time
         self._swap_latencies = 0
+        #: versions found unservable, and why: versions are immutable, so a refusal stands
+        #: (a request pinned to one is answered from here, not by reloading it every time)
+        self._refused: dict[int, str] = {}
         self._stop = threading.Event()
         self._starter: threading.Thread | None = None
         #: why the server is not ready yet (None once a version is served)
@@ -125,15 +128,15 @@ class ServedModels:
             with self._lock:  # loaded by the request that held the load lock before us
                 if version in self._loaded:
                     return self._loaded[version]
+            if version in self._refused:
+                raise VersionUnavailable(self._refused[version], missing=False)
             if not self.registry.exists(version):
                 raise VersionUnavailable(f"no {format_version(version)} in the registry "
                                          f"{self.registry.url}", missing=True)
             try:
                 model = self.registry.load_model(version)
             except Exception as exc:
-                self.metrics.refused()
-                raise VersionUnavailable(f"{format_version(version)} cannot be served: {exc}",
-                                         missing=False) from None
+                raise VersionUnavailable(self._refuse(version, exc), missing=False) from None
             self._keep(model)
             return model
 
@@ -153,6 +156,7 @@ class ServedModels:
     # -- the watcher's callbacks ------------------------------------------------------------------
     def _swapped(self, model: InferenceModel) -> None:
         self._keep(model)
+        self._refused.pop(int(model.version or 0), None)  # served after all: not refused
         latencies = self.watcher.swap_latency_s
         latency = latencies[-1] if len(latencies) > self._swap_latencies else None
         self._swap_latencies = len(latencies)
@@ -162,5 +166,13 @@ class ServedModels:
                             swap_latency_s=latency)
         self.waiting_for = None
 
-    def _refused(self, version: int, exc: Exception) -> None:
-        self.metrics.refused()
+    def _refuse(self, version: int, exc: Exception) -> str:
+        """Count a version that cannot be served, once whoever found it (the watcher for the
+        alias, or a request naming it), and remember why unless the storage was to blame (an
+        OSError: the next request tries again). Returns the reason."""
+        message = f"{format_version(version)} cannot be served: {exc}"
+        if version not in self._refused:
+            self.metrics.refused()
+        if not isinstance(exc, OSError):  # a property of the immutable version: it stands
+            self._refused[version] = message
+        return message

@@ -276,3 +276,26 @@ def _wait(check: Callable[[], bool], timeout_s: float = 20.0) -> bool:
             return True
         time.sleep(0.01)  # polling interval of a condition with a deadline
     return check()
+
+
+def test_a_pinned_corrupt_version_is_refused_once_and_remembered(
+        registry: ModelRegistry, publish: Publish, serving: Any, probe: torch.Tensor,
+        http: Any) -> None:
+    publish(registry, 0, aliases=["production"])
+    publish(registry, 1)
+    path = "versions/000002/weights.safetensors"
+    data = bytearray(registry.store.read_bytes(path))
+    data[-1] ^= 0xFF
+    registry.store.write_bytes(path, bytes(data))
+    with serving(registry) as server:
+        url = f"{server.url}/v2/models/digits"
+        for _ in range(3):
+            status, body = http.get(f"{url}/versions/2/infer", http.infer_json(probe[:1]))
+            assert status == 404 and "v2 cannot be served" in json.loads(body)["error"]
+        assert server.metrics.value("streamcl_serve_refused_versions_total") == 1
+        # the alias moved onto it later: the watcher refuses it too, still counted once
+        registry.set_alias("production", 2, reason="promote", verify=False)
+        assert http.wait_until(lambda: server.models.watcher.refused == 1)
+        assert server.metrics.value("streamcl_serve_refused_versions_total") == 1
+        status, body = http.get(f"{url}/infer", http.infer_json(probe[:1]))
+        assert status == 200 and json.loads(body)["model_version"] == "1"
