@@ -207,20 +207,23 @@ def main() -> int:
         proc = serve(registry.url, name, bootstrap, port, args, 64)
         announced: list[tuple[float, int]] = []
 
+        # the new versions, trained beforehand: this process is also the load generator
+        exports = [export_model(make_trainer(seed)) for seed in
+                   range(1, int(args.swap_seconds / 2) + 1)]
+
         async def swaps() -> None:
             await asyncio.sleep(1.5)
             end = time.perf_counter() + args.swap_seconds - 2.5
-            seed = 1
             with Announcer(bootstrap, name) as announcer:
-                while time.perf_counter() < end:
-                    t, s = export_model(make_trainer(seed))  # off the clock: the trainer's work
+                for t, s in exports:
+                    if time.perf_counter() >= end:
+                        break
                     m = await asyncio.to_thread(registry.publish, t, {"model": s},
                                                 aliases=["production"])
                     at = time.perf_counter()
                     await asyncio.to_thread(announcer.announce, announcement(
                         "publish", m["version"], alias="production", registry=registry.url))
                     announced.append((at, m["version"]))
-                    seed += 1
                     await asyncio.sleep(2.0)
 
         async def both() -> tuple[list[tuple[float, float, int]], list[str]]:
