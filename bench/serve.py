@@ -197,7 +197,7 @@ def main() -> int:
             finally:
                 stop(proc)
             if max_batch > 1:
-                mean_batch = _mean_batch(metrics.decode())
+                mean_batch = _histogram_mean(metrics.decode(), "streamcl_serve_batch_size")
                 print(f"|  | mean samples per model call over these runs: {mean_batch:.1f} "
                       "| | | | | |")
 
@@ -250,29 +250,19 @@ def main() -> int:
     print(f"- announcement -> first answer from the new version, {len(to_serving)} swaps: "
           f"median {1e3 * statistics.median(to_serving):.0f} ms, max "
           f"{1e3 * max(to_serving):.0f} ms (server-side swap latency, mean: "
-          f"{1e3 * _swap_mean(metrics):.0f} ms)")
+          f"{1e3 * _histogram_mean(metrics, 'streamcl_serve_swap_latency_seconds'):.0f} ms)")
     print(f"- versions served: {sorted({v for _, _, v in out})}")
     return 0
 
 
-def _mean_batch(text: str) -> float:
-    total = count = 0.0
+def _histogram_mean(text: str, name: str) -> float:
+    """The mean of a histogram in a Prometheus exposition: its _sum over its _count."""
+    values = {}
     for line in text.splitlines():
-        if line.startswith("streamcl_serve_batch_size_sum"):
-            total = float(line.split()[-1])
-        elif line.startswith("streamcl_serve_batch_size_count"):
-            count = float(line.split()[-1])
-    return total / count if count else float("nan")
-
-
-def _swap_mean(text: str) -> float:
-    total = count = 0.0
-    for line in text.splitlines():
-        if line.startswith("streamcl_serve_swap_latency_seconds_sum"):
-            total = float(line.split()[-1])
-        elif line.startswith("streamcl_serve_swap_latency_seconds_count"):
-            count = float(line.split()[-1])
-    return total / count if count else float("nan")
+        for part in ("_sum", "_count"):
+            if line.startswith(name + part):
+                values[part] = float(line.split()[-1])
+    return values["_sum"] / values["_count"] if values.get("_count") else float("nan")
 
 
 if __name__ == "__main__":

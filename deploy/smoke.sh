@@ -355,13 +355,14 @@ produced_ok() {  # the producer container exited 0
 }
 if wait_for 300 produced_ok; then ok "producer streamed split digits and exited 0"
 else fail "producer: $(docker logs --tail 5 "$("${compose[@]}" ps -q producer)" 2>&1)"; fi
-trained_in_prometheus() {
+prom_positive() {  # the Prometheus query $1 has a result, and it is > 0
     curl -fsS --max-time 5 "http://127.0.0.1:$PROM_PORT/api/v1/query" \
-        --data-urlencode 'query=sum(streamcl_samples_trained_total)' |
+        --data-urlencode "query=$1" |
         python3 -c 'import json, sys
 r = json.load(sys.stdin)["data"]["result"]
 sys.exit(0 if r and float(r[0]["value"][1]) > 0 else 1)'
 }
+trained_in_prometheus() { prom_positive 'sum(streamcl_samples_trained_total)'; }
 if wait_for 180 trained_in_prometheus; then
     n=$(curl -fsS "http://127.0.0.1:$PROM_PORT/api/v1/query" \
         --data-urlencode 'query=sum(streamcl_samples_trained_total)' |
@@ -394,11 +395,7 @@ else
     fail "inference: HTTP ${status:-none}: $(head -c 300 "$W/infer.json" 2>/dev/null)"
 fi
 served_in_prometheus() {
-    curl -fsS --max-time 5 "http://127.0.0.1:$PROM_PORT/api/v1/query" \
-        --data-urlencode 'query=sum(streamcl_serve_requests_total{job="streamcl-serve",outcome="ok"})' |
-        python3 -c 'import json, sys
-r = json.load(sys.stdin)["data"]["result"]
-sys.exit(0 if r and float(r[0]["value"][1]) > 0 else 1)'
+    prom_positive 'sum(streamcl_serve_requests_total{job="streamcl-serve",outcome="ok"})'
 }
 if wait_for 60 served_in_prometheus; then
     ok "Prometheus scrapes the inference server: streamcl_serve_requests_total{outcome=\"ok\"} > 0"

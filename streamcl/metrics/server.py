@@ -111,9 +111,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
-        """Base URL to reach the server from this host (a wildcard host maps to loopback)."""
-        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return local_url(self.host, self.port)
 
     # -- requests ---------------------------------------------------------------------------------
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
@@ -173,6 +171,13 @@ class MetricsServer:
                                                                         "/readyz"]})
 
 
+def local_url(host: str, port: int) -> str:
+    """Base URL to reach a server listening on ``host:port`` from this host (a wildcard host
+    maps to loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def _probe(check: Callable[[], bool]) -> tuple[bool, str | None]:
     try:
         return bool(check()), None
@@ -184,4 +189,4 @@ def _json(obj: Any) -> bytes:
     return json.dumps(obj).encode()
 
 
-__all__ = ["MetricsServer"]
+__all__ = ["MetricsServer", "local_url"]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import uvicorn
 
+from streamcl.metrics.server import local_url
 from streamcl.metrics.serving import ServingMetrics
 from streamcl.registry.registry import PRODUCTION, ModelRegistry
 from streamcl.serve.app import MAX_BODY_BYTES, InferenceApp
@@ -158,5 +159,4 @@ class InferenceServer:
 
     @property
     def url(self) -> str:
-        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return local_url(self.host, self.port)

@@ -66,6 +66,19 @@ def publish(exports: list[Export]) -> Callable[..., dict[str, Any]]:
     return _publish
 
 
+@pytest.fixture
+def damage() -> Callable[[ModelRegistry, int], None]:
+    """``damage(registry, version)``: flip the last byte of that version's weights, as a disk
+    or a copy might, so that its SHA-256 no longer matches the manifest."""
+    def _damage(registry: ModelRegistry, version: int) -> None:
+        path = f"versions/{version:06d}/weights.safetensors"
+        data = bytearray(registry.store.read_bytes(path))
+        data[-1] ^= 0xFF
+        registry.store.write_bytes(path, bytes(data))
+
+    return _damage
+
+
 def wait_until(check: Callable[[], bool], timeout_s: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

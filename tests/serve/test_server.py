@@ -195,7 +195,7 @@ def test_concurrent_requests_are_batched_and_answered_as_alone(
 
 def test_hot_swap_under_concurrent_load_fails_nothing(
         kafka_bootstrap: str, registry: ModelRegistry, publish: Publish, serving: Any,
-        probe: torch.Tensor) -> None:
+        probe: torch.Tensor, http: Any, damage: Callable[[ModelRegistry, int], None]) -> None:
     """Versions published and announced while 6 clients send requests without pause: every
     request succeeds, each answer is exactly what the version it names predicts, and the
     server serves each version in turn; a corrupt version in between is refused and the old
@@ -240,21 +240,18 @@ def test_hot_swap_under_concurrent_load_fails_nothing(
                 expected[version] = _expected(registry, version, probe)[0]
                 registry.promote(version)
                 announce(version)
-                assert _wait(lambda v=version: served(v))
+                assert http.wait_until(lambda v=version: served(v))
                 # requests keep flowing across the swap
-                assert _wait(lambda b=before: len(answers) > b + 20)
+                assert http.wait_until(lambda b=before: len(answers) > b + 20)
             # a corrupt version: refused, v4 keeps serving
             publish(registry, 0)
-            path = "versions/000005/weights.safetensors"
-            data = bytearray(registry.store.read_bytes(path))
-            data[-1] ^= 0xFF
-            registry.store.write_bytes(path, bytes(data))
+            damage(registry, 5)
             registry.set_alias("production", 5, reason="promote", verify=False)
             announce(5)
-            assert _wait(lambda: server.metrics.value(
+            assert http.wait_until(lambda: server.metrics.value(
                 "streamcl_serve_refused_versions_total") == 1)
             before = len(answers)
-            assert _wait(lambda: len(answers) > before + 20)
+            assert http.wait_until(lambda: len(answers) > before + 20)
             assert served(4)
         finally:
             stop.set()
@@ -267,26 +264,12 @@ def test_hot_swap_under_concurrent_load_fails_nothing(
     assert server.metrics.value("streamcl_serve_swap_latency_seconds_count") == 3
 
 
-def _wait(check: Callable[[], bool], timeout_s: float = 20.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.01)  # polling interval of a condition with a deadline
-    return check()
-
-
 def test_a_pinned_corrupt_version_is_refused_once_and_remembered(
         registry: ModelRegistry, publish: Publish, serving: Any, probe: torch.Tensor,
-        http: Any) -> None:
+        http: Any, damage: Callable[[ModelRegistry, int], None]) -> None:
     publish(registry, 0, aliases=["production"])
     publish(registry, 1)
-    path = "versions/000002/weights.safetensors"
-    data = bytearray(registry.store.read_bytes(path))
-    data[-1] ^= 0xFF
-    registry.store.write_bytes(path, bytes(data))
+    damage(registry, 2)
     with serving(registry) as server:
         url = f"{server.url}/v2/models/digits"
         for _ in range(3):
