@@ -17,13 +17,13 @@ method, 413 a body over ``max_body_bytes``, 415 an unknown content encoding; 503
 version is loaded yet. A model call that fails is a 500 — a bug, which the tests look for.
 
 Why not KServe's own model server (``kserve`` on PyPI), the well-kept implementation one would
-reach for first: measured here on a no-op model it answers ~900 requests/s at 8 or 64 clients (FastAPI and pydantic
-validation per request), a tenth of one single-sample call of the benchmark MLP, so it could
-not reach half of the raw model's throughput; it answers every ``/versions/{v}`` route with
-"not supported"; its ``/v2/health/ready`` is true before any model is loaded; and it parses the
-process's command line when imported. This module is the protocol's thin layer over uvicorn,
-the ASGI server KServe itself runs on (measured ~8,000-10,000 requests/s here), and its
-conformance is tested with Triton's official client.
+reach for first: measured here on a no-op model it answers ~900 requests/s at 8 or 64 clients
+(FastAPI and pydantic validation per request), a tenth of one single-sample call of the
+benchmark MLP, so it could not reach half of the raw model's throughput; it answers every
+``/versions/{v}`` route with "not supported"; its ``/v2/health/ready`` is true before any model
+is loaded; and it parses the process's command line when imported. This module is the
+protocol's thin layer over uvicorn, the ASGI server KServe itself runs on (measured ~8,000-10,000
+requests/s here at 8-64 clients), and its conformance is tested with Triton's official client.
 """
 
 from __future__ import annotations
