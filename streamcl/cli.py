@@ -684,16 +684,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from streamcl.registry import ModelRegistry
     from streamcl.serve import InferenceServer
 
-    for flag, value, low in (("--max-batch", args.max_batch, 1),
-                             ("--keep-versions", args.keep_versions, 1),
-                             ("--threads", args.threads, 1), ("--port", args.port, 0)):
-        if value < low or (flag == "--port" and value > 65535):
-            raise UsageError(f"{flag} {value}: must be {low} or more"
-                             + (" and at most 65535" if flag == "--port" else ""))
-    for flag, value in (("--max-wait-ms", args.max_wait_ms), ("--poll-s", args.poll_s),
-                        ("--max-body-mb", args.max_body_mb)):
-        if not value >= 0 or (flag != "--max-wait-ms" and not value > 0):
+    for flag, value in (("--max-batch", args.max_batch), ("--keep-versions", args.keep_versions),
+                        ("--threads", args.threads)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: must be 1 or more")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be 0 or more and at most 65535")
+    for flag, value in (("--poll-s", args.poll_s), ("--max-body-mb", args.max_body_mb)):
+        if not value > 0:
             raise UsageError(f"{flag} {value}: must be a positive number")
+    if not args.max_wait_ms >= 0:
+        raise UsageError(f"--max-wait-ms {args.max_wait_ms}: must be a positive number")
     location, name, bootstrap, client = serve_settings(args)
     server = InferenceServer(ModelRegistry(location), name, alias=args.alias,
                              bootstrap=bootstrap, client_config=client,

@@ -34,7 +34,7 @@ from streamcl.registry.holdout import Holdout
 from streamcl.state import state_sha256
 from streamcl.strategies.base import share
 from streamcl.stream.consumer import MicroBatch
-from streamcl.stream.entries import Batch, Entry, HoldoutSpec, Start
+from streamcl.stream.entries import Batch, Entry, HoldoutSpec, Start, owns
 from streamcl.stream.journal import Journal, JournalLost
 from streamcl.stream.snapshots import SnapshotError, SnapshotStore
 from streamcl.stream.sources import RangeSource
@@ -369,7 +369,7 @@ def rebuild(journal: Journal, source: RangeSource, config: TrainerConfig,
         if isinstance(entry, Batch):
             _check_replicas(len(entry.replicas) if entry.replicas else 1, world,
                             f"journal entry {entry.seq} was")
-    batches = source.read_many([{p: r for p, r in e.ranges.items() if p % world == rank}
+    batches = source.read_many([{p: r for p, r in e.ranges.items() if owns(p, rank, world)}
                                 for e in out.entries if isinstance(e, Batch)])
     # each stretch of batches at the thread count it was trained at: the snapshot's, then
     # each start entry's

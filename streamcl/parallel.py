@@ -27,6 +27,7 @@ seconds spent in collectives, for the benchmark (bench/scale.py).
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -35,6 +36,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from streamcl.stream.entries import owns
 
 
 class ReplicaDivergence(RuntimeError):
@@ -91,11 +94,13 @@ class ReplicaGroup:
     def partitions(self, n_partitions: int) -> list[int]:
         """The input partitions this replica reads: every ``world_size``-th one from ``rank``
         (fixed, so the journal can say who read what; a replica may get none)."""
-        return [p for p in range(n_partitions) if p % self.world_size == self.rank]
+        return [p for p in range(n_partitions) if owns(p, self.rank, self.world_size)]
 
     # -- collectives ----------------------------------------------------------------------------
-    # A step makes four collective calls, each one latency on the wire: the header and the
-    # labels (plan), the gradients, the errors and losses (learn). Alone (world size 1) none.
+    # A trainer step makes four collective calls, each one latency on the wire: the header and
+    # the labels (plan), the gradients, the errors and losses (learn); the service's step adds
+    # its own (the turn's flags, what each replica brought, the label cap, the entry's ranges).
+    # Alone (world size 1) none.
     def exchange(self, header: list[int]) -> list[list[int]]:
         """Every replica's small integer ``header`` (same length everywhere), by rank."""
         if self.world_size == 1:
@@ -134,7 +139,7 @@ class ReplicaGroup:
         if self.world_size == 1:
             return rows
         sizes = [h[0] for h in self.exchange([len(rows)])]
-        width = int(torch.tensor(rows.shape[1:]).prod()) if rows.dim() > 1 else 1
+        width = math.prod(rows.shape[1:])
         parts = self.gather(rows.reshape(-1), [n * width for n in sizes])
         return torch.cat(parts).reshape(sum(sizes), *rows.shape[1:])
 
@@ -175,7 +180,7 @@ class ReplicaGroup:
         """Every replica's SHA-256 (hex), by rank."""
         if self.world_size == 1:
             return [digest]
-        return [bytes(d).hex() for d in self.gather_ints(list(bytes.fromhex(digest)))]
+        return [bytes(d).hex() for d in self.exchange(list(bytes.fromhex(digest)))]  # 32 bytes
 
     def state_sha256(self, digest: str) -> str:
         """The group's state digest from each replica's own (every replica calls it):
@@ -191,6 +196,12 @@ class ReplicaGroup:
                                     f"replica(s) {differ}: the group stops (restart it from the "
                                     "last snapshot)")
         return digest
+
+
+def replica_snapshot_dir(base: str | os.PathLike[str], rank: int) -> str:
+    """Where replica ``rank`` keeps its snapshot shards under ``base`` (its own directory:
+    each pod may have its own volume); the service writes there and a replay reads there."""
+    return os.path.join(base, f"rank-{rank}")
 
 
 def group_sha256(digests: list[str]) -> str:

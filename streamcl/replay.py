@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from streamcl.learner import Learner, rebuild
-from streamcl.parallel import ReplicaGroup
+from streamcl.parallel import ReplicaGroup, replica_snapshot_dir
 from streamcl.stream.consumer import RangeReader
 from streamcl.stream.entries import Batch, Entry, Start
 from streamcl.stream.journal import Journal, journal_topic
@@ -60,7 +59,7 @@ def replay_learner(bootstrap: str, name: str, topic: str, to_seq: int | None = N
                 progress(entry.seq)
 
         if group is not None and snapshot_dir is not None:
-            snapshot_dir = str(Path(snapshot_dir) / f"rank-{group.rank}")
+            snapshot_dir = replica_snapshot_dir(snapshot_dir, group.rank)
         try:
             rebuilt = rebuild(journal, source, config, start.holdout if start else None,
                               None if snapshot_dir is None else SnapshotStore(snapshot_dir),

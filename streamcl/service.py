@@ -46,7 +46,7 @@ import torch
 from streamcl.learner import Applied, Learner, Rebuilt, Step, rebuild
 from streamcl.metrics.prometheus import ServiceMetrics
 from streamcl.models import build_model
-from streamcl.parallel import ReplicaGroup
+from streamcl.parallel import ReplicaGroup, replica_snapshot_dir
 from streamcl.registry.holdout import Holdout, PooledHoldout
 from streamcl.registry.publisher import Publisher
 from streamcl.stream.broker import check_connection
@@ -810,7 +810,8 @@ def service_from_settings(settings: Settings, bootstrap: str, group: ReplicaGrou
         batch_size=consumer.batch_size, max_wait_s=consumer.max_wait_s,
         prefetch=consumer.prefetch,
         # snapshots
-        snapshot_dir=str(snapshots.dir if group is None else snapshots.dir / f"rank-{rank}"),
+        snapshot_dir=str(snapshots.dir) if group is None else replica_snapshot_dir(snapshots.dir,
+                                                                                  rank),
         snapshot_every_batches=snapshots.every_batches,
         snapshot_every_s=snapshots.every_s, keep_snapshots=snapshots.keep,
         # publication and metrics

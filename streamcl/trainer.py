@@ -181,9 +181,9 @@ class OnlineTrainer:
         Data-parallel, ``y`` is this replica's part and the plan is the global step's: every
         replica's labels in rank order (a replica may bring none), the first task value; every
         replica must call it, and ``None`` means no replica brought a sample (no step)."""
+        if isinstance(task, torch.Tensor):
+            task = int(task.reshape(-1)[0]) if task.numel() else None
         if self.group is not None:
-            if isinstance(task, torch.Tensor):
-                task = int(task.reshape(-1)[0]) if task.numel() else None
             headers = self.group.exchange([len(y), -1 if task is None else task])
             self._replica_sizes = [n for n, _ in headers]
             task = next((t for _, t in headers if t >= 0), None)
@@ -200,8 +200,6 @@ class OnlineTrainer:
                              f"{len(self.labels)} of at most max_classes="
                              f"{self.config.max_classes}; take out the samples over_cap() "
                              "marks before planning")
-        if isinstance(task, torch.Tensor):
-            task = int(task.reshape(-1)[0]) if task.numel() else None
         boundary = self.policy.decide(self.position, batch_size=len(y_list),
                                       new_labels=bool(new), task=task)
         return Plan(self.position, len(y_list), boundary, new)

@@ -133,8 +133,8 @@ class PooledHoldout:
         else:
             x = torch.zeros((0, *input_shape))
             y = exp = torch.zeros(0, dtype=torch.long)
-        return cls(group.gather_rows(x), group.gather_rows(y.long()),
-                   group.gather_rows(exp.long()))
+        labels = group.gather_rows(torch.stack([y.long(), exp.long()], 1))  # one gather, not two
+        return cls(group.gather_rows(x), labels[:, 0], labels[:, 1])
 
     def __len__(self) -> int:
         return len(self.y)

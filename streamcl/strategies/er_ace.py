@@ -85,8 +85,9 @@ class ERACE(Strategy):
     def present_classes(self, y: torch.Tensor) -> torch.Tensor:
         """Which head rows the step's incoming batch holds: ``y``'s classes, or data-parallel
         those of every replica's part (:meth:`~Strategy.step_classes`)."""
-        present = torch.zeros(self.model.n_classes, dtype=torch.bool)
-        present[self.step_classes(y).cpu()] = True
+        targets = self.step_classes(y)
+        present = torch.zeros(self.model.n_classes, dtype=torch.bool, device=targets.device)
+        present[targets] = True  # where the targets are: no copy to the host and back
         return present
 
     def extra_state(self) -> dict[str, Any]:

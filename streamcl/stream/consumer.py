@@ -36,6 +36,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streamcl.stream.broker import RECONNECT_BACKOFF_MAX_MS
 from streamcl.stream.dead_letter import DeadLetterError, DeadLetterWriter, dead_letter_topic
+from streamcl.stream.entries import owns
 from streamcl.stream.messages import Decoder, Rejection, Sample
 
 if TYPE_CHECKING:
@@ -332,7 +333,7 @@ class BatchConsumer:
         if self.replica is None:
             return sorted(partitions)
         rank, world = self.replica
-        return [p for p in sorted(partitions) if p % world == rank]
+        return [p for p in sorted(partitions) if owns(p, rank, world)]
 
     def _key(self, sample: Sample) -> tuple[Any, ...]:
         """What may not change inside a batch: the element type, and the task if asked."""

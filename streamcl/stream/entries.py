@@ -48,6 +48,13 @@ def config_hash(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def owns(partition: int, rank: int, world: int) -> bool:
+    """Whether replica ``rank`` of ``world`` reads input ``partition``: every ``world``-th one
+    from ``rank``. Fixed, so the journal's ranges say who read what: the live consumer and a
+    rebuild from the journal both take their partitions by this rule."""
+    return partition % world == rank
+
+
 def ranges_to_json(ranges: Mapping[int, tuple[int, int]]) -> dict[str, list[int]]:
     return {str(int(p)): [int(first), int(last)] for p, (first, last) in sorted(ranges.items())}
 
