@@ -71,21 +71,33 @@ class Step:
     refused: list[Refused] = field(default_factory=list)  # over max_classes: not learned
     kept: MicroBatch | None = None  # the batch less ``refused`` (None: the whole batch)
 
-    def entry(self, group: ReplicaGroup | None = None) -> Batch:
-        """The journal entry that records this step. Data-parallel (``group``; every replica
-        calls it): the global step's, with every replica's ranges (their partitions are
-        disjoint, so one map holds them) and each replica's ``[samples, rejected]``."""
-        plan = self.plan.to_json() if self.plan else {}
-        if group is None:
-            return Batch(ranges=self.batch.ranges, plan=plan, samples=len(self.batch),
-                         rejected=self.batch.rejected)
+    def entry(self) -> Batch:
+        """The journal entry that records this step (data-parallel: :meth:`group_entry`)."""
+        return Batch(ranges=self.batch.ranges, plan=self.plan_json(), samples=len(self.batch),
+                     rejected=self.batch.rejected)
+
+    @staticmethod
+    def header_of(batch: MicroBatch) -> list[int]:
+        """A replica's part of a data-parallel entry that all know before the ranges:
+        ``[samples, rejected, number of partition ranges]`` of its ``batch`` (a service that
+        exchanged it already, to learn whether anyone brought anything, passes it on to
+        :meth:`group_entry`)."""
+        return [len(batch), batch.rejected, len(batch.ranges)]
+
+    def group_entry(self, group: ReplicaGroup, headers: list[list[int]]) -> Batch:
+        """The data-parallel step's entry (every replica calls it), given every replica's
+        :meth:`header_of` by rank: every replica's ranges (their partitions are disjoint, so
+        one map holds them, gathered in one call) and each one's ``[samples, rejected]``."""
         flat = [v for p, (first, last) in sorted(self.batch.ranges.items())
                 for v in (p, first, last)]
-        parts = group.gather_ints([len(self.batch), self.batch.rejected, *flat])
-        ranges = {part[i]: (part[i + 1], part[i + 2])
-                  for part in parts for i in range(2, len(part), 3)}
-        return Batch(ranges=ranges, plan=plan, samples=sum(p[0] for p in parts),
-                     rejected=sum(p[1] for p in parts), replicas=[p[:2] for p in parts])
+        parts = group.gather(torch.tensor(flat, dtype=torch.long), [3 * h[2] for h in headers])
+        ranges = {int(part[i]): (int(part[i + 1]), int(part[i + 2]))
+                  for part in parts for i in range(0, len(part), 3)}
+        return Batch(ranges=ranges, plan=self.plan_json(), samples=sum(h[0] for h in headers),
+                     rejected=sum(h[1] for h in headers), replicas=[h[:2] for h in headers])
+
+    def plan_json(self) -> dict[str, Any]:
+        return self.plan.to_json() if self.plan else {}
 
 
 @dataclass

@@ -334,16 +334,25 @@ class TrainerService:
             return False
         if self._redelivered(batch):
             return True
+        self._train(learner, batch, lambda step: self._append(step.entry()),
+                    self._snapshot_due)
+        return True
+
+    def _train(self, learner: Learner, batch: MicroBatch, journal: Callable[[Step], Batch],
+               snapshot_due: Callable[[], bool]) -> None:
+        """The order of effects of one step, alone or as a replica: prepare (plan, refused
+        labels), a due publication with the model the previous step left, the entry in the
+        journal (``journal``: the step's entry, appended), the learning step, the accounts,
+        a due snapshot."""
         step = learner.prepare(batch)
         self._refuse(step)
         self._publish_if_due(step.plan is not None and step.plan.boundary is not None)
-        entry = self._append(step.entry())
+        entry = journal(step)
         t0 = time.perf_counter()
         applied = learner.apply(step, entry)
         self._account(step, applied, time.perf_counter() - t0)
-        if self._since_snapshot >= self.snapshot_every_batches or self._snapshot_due():
+        if self._since_snapshot >= self.snapshot_every_batches or snapshot_due():
             self.snapshot()
-        return True
 
     # -- data-parallel replicas ----------------------------------------------------------------
     def _step_replica(self) -> bool:
@@ -373,23 +382,19 @@ class TrainerService:
             return False
         batch = self.consumer.poll_batch(self.batch_size, self.max_wait_s)
         batch = batch if batch is not None else self._empty_batch()
-        brought = group.exchange([len(batch) + batch.rejected + len(batch.ranges)])
-        if not any(b[0] for b in brought):  # a quiet stream
+        # what each replica brought: its entry's counts, exchanged once for both uses
+        brought = group.exchange(Step.header_of(batch))
+        if not any(sum(b) for b in brought):  # a quiet stream
             self._publish_if_due(experience_ended=False)
             if snap:
                 self.snapshot()
             return False
-        step = learner.prepare(batch)
-        self._refuse(step)
-        self._publish_if_due(step.plan is not None and step.plan.boundary is not None)
-        entry = step.entry(group)
-        if self.rank == 0:
-            entry = self._append(entry)
-        t0 = time.perf_counter()
-        applied = learner.apply(step, entry)
-        self._account(step, applied, time.perf_counter() - t0)
-        if self._since_snapshot >= self.snapshot_every_batches or snap:
-            self.snapshot()
+
+        def journal(step: Step) -> Batch:
+            entry = step.group_entry(group, brought)
+            return self._append(entry) if self.rank == 0 else entry
+
+        self._train(learner, batch, journal, lambda: snap)
         return True
 
     def _empty_batch(self) -> MicroBatch:
